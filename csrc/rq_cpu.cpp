@@ -1,0 +1,206 @@
+#include "rq_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "dot_kernels.h"
+
+namespace sigma_fast {
+namespace {
+
+float squared_norm(const float* v, int64_t d) {
+  double s = 0.0;
+  for (int64_t t = 0; t < d; ++t) s += static_cast<double>(v[t]) * v[t];
+  return static_cast<float>(s);
+}
+
+// Codebooks packed once per call, with codeword norms for ||r||^2 - 2<r,c> + ||c||^2.
+struct PackedCodebooks {
+  int64_t levels, k, d, kpad;
+  std::vector<float> panels;  // levels x packed_floats(k, d)
+  std::vector<float> norms;   // levels x kpad
+
+  PackedCodebooks(const float* cb, int64_t levels_, int64_t k_, int64_t d_)
+      : levels(levels_), k(k_), d(d_), kpad(round_up(k_, kPanel)) {
+    panels.resize(static_cast<size_t>(levels * kpad * d));
+    norms.assign(static_cast<size_t>(levels * kpad), 0.0f);
+    for (int64_t l = 0; l < levels; ++l) {
+      pack_panels(cb + l * k * d, k, d, d, panels.data() + l * kpad * d);
+      for (int64_t j = 0; j < k; ++j) norms[l * kpad + j] = squared_norm(cb + (l * k + j) * d, d);
+    }
+  }
+  const float* panel(int64_t l) const { return panels.data() + l * kpad * d; }
+  const float* norm(int64_t l) const { return norms.data() + l * kpad; }
+};
+
+// Per-thread scratch for a block of vectors; beams of vector i live in rows i*nb .. i*nb+nb-1.
+struct Workspace {
+  std::vector<float> res, res_next, dots, rnorm, rnorm_next, score;
+  std::vector<int64_t> prefix, prefix_next;
+  std::vector<int32_t> order;
+};
+
+// Candidate distance with NaN mapped to +inf so the orderings below stay strict-weak.
+inline float candidate_score(float rnorm, float cnorm, float dot) {
+  float s = rnorm + cnorm - 2.0f * dot;
+  return s == s ? s : std::numeric_limits<float>::infinity();
+}
+
+void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks,
+                  const PackedCodebooks& pc, int64_t beam, int64_t* codes, float* err,
+                  Workspace& ws) {
+  const int64_t d = pc.d, k = pc.k, kpad = pc.kpad, levels = pc.levels;
+  ws.res.resize(static_cast<size_t>(m * beam * d));
+  ws.res_next.resize(ws.res.size());
+  ws.dots.resize(static_cast<size_t>(m * beam * kpad));
+  ws.rnorm.resize(static_cast<size_t>(m * beam));
+  ws.rnorm_next.resize(ws.rnorm.size());
+  ws.prefix.resize(static_cast<size_t>(m * beam * levels));
+  ws.prefix_next.resize(ws.prefix.size());
+
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(&ws.res[i * d], x + i * ldx, sizeof(float) * d);
+    ws.rnorm[i] = squared_norm(&ws.res[i * d], d);
+  }
+  int64_t nb = 1;  // beams per vector at the current level (the same for every vector)
+  for (int64_t l = 0; l < levels; ++l) {
+    const float* cb = codebooks + l * k * d;
+    const float* cn = pc.norm(l);
+    const int64_t rows = m * nb;
+    dot_panels(ws.res.data(), rows, d, pc.panel(l), kpad / kPanel, d, ws.dots.data(), kpad);
+    if (beam == 1) {
+      for (int64_t i = 0; i < m; ++i) {
+        const float* dot = &ws.dots[i * kpad];
+        int64_t best = 0;
+        float best_score = std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < k; ++j) {
+          const float s = candidate_score(0.0f, cn[j], dot[j]);
+          if (s < best_score) {  // strict: ties keep the smaller index
+            best_score = s;
+            best = j;
+          }
+        }
+        if (best_score == std::numeric_limits<float>::infinity()) best = 0;
+        ws.prefix[i * levels + l] = best;
+        float* r = &ws.res[i * d];
+        const float* c = cb + best * d;
+        for (int64_t t = 0; t < d; ++t) r[t] -= c[t];
+      }
+      continue;
+    }
+    const int64_t cands = nb * k;
+    const int64_t nb_next = std::min(beam, cands);
+    ws.score.resize(static_cast<size_t>(cands));
+    ws.order.resize(static_cast<size_t>(cands));
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t row = i * nb + b;
+        const float* dot = &ws.dots[row * kpad];
+        for (int64_t j = 0; j < k; ++j)
+          ws.score[b * k + j] = candidate_score(ws.rnorm[row], cn[j], dot[j]);
+      }
+      std::iota(ws.order.begin(), ws.order.end(), 0);
+      const int64_t* pre = &ws.prefix[i * nb * levels];
+      auto less = [&](int32_t u, int32_t v) {
+        const float su = ws.score[u], sv = ws.score[v];
+        if (su != sv) return su < sv;
+        // Equal error: the lexicographically smaller code tuple wins (parent prefix, then code).
+        const int64_t bu = u / k, bv = v / k;
+        if (bu != bv) {
+          const int64_t* pu = pre + bu * levels;
+          const int64_t* pv = pre + bv * levels;
+          for (int64_t t = 0; t < l; ++t)
+            if (pu[t] != pv[t]) return pu[t] < pv[t];
+        }
+        return u % k < v % k;
+      };
+      std::partial_sort(ws.order.begin(), ws.order.begin() + nb_next, ws.order.end(), less);
+      for (int64_t c = 0; c < nb_next; ++c) {
+        const int64_t b = ws.order[c] / k, j = ws.order[c] % k;
+        const int64_t src = i * nb + b, dst = i * nb_next + c;
+        std::memcpy(&ws.prefix_next[dst * levels], &ws.prefix[src * levels],
+                    sizeof(int64_t) * l);
+        ws.prefix_next[dst * levels + l] = j;
+        const float* r = &ws.res[src * d];
+        const float* cw = cb + j * d;
+        float* out = &ws.res_next[dst * d];
+        for (int64_t t = 0; t < d; ++t) out[t] = r[t] - cw[t];
+        ws.rnorm_next[dst] = squared_norm(out, d);
+      }
+    }
+    std::swap(ws.res, ws.res_next);
+    std::swap(ws.rnorm, ws.rnorm_next);
+    std::swap(ws.prefix, ws.prefix_next);
+    nb = nb_next;
+  }
+  // Beams are sorted best first, so beam 0 of each vector is the answer.
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t row = i * nb;
+    std::memcpy(codes + i * levels, &ws.prefix[row * levels], sizeof(int64_t) * levels);
+    if (err) err[i] = squared_norm(&ws.res[row * d], d);
+  }
+}
+
+}  // namespace
+
+void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const float* codebooks,
+                   int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err) {
+  require(n >= 0 && d >= 1 && levels >= 1 && k >= 1,
+          "rq_encode: expected n >= 0, d >= 1, levels >= 1, k >= 1; got n=" + std::to_string(n) +
+              " d=" + std::to_string(d) + " levels=" + std::to_string(levels) +
+              " k=" + std::to_string(k));
+  require(ldx >= d, "rq_encode: row stride of x must be >= d");
+  require(beam_width >= 1, "rq_encode: beam_width must be >= 1; got " + std::to_string(beam_width));
+  if (n == 0) return;
+  const PackedCodebooks pc(codebooks, levels, k, d);
+  // About 192 residual rows per block keeps a block's residuals and dot products in L2.
+  const int64_t per_block = std::max<int64_t>(1, 192 / beam_width);
+  const int64_t blocks = (n + per_block - 1) / per_block;
+  const double flops_per_block =
+      2.0 * per_block * static_cast<double>(std::min<int64_t>(beam_width, 64)) * levels *
+      pc.kpad * d;
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(2e6 / flops_per_block));
+  parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
+    Workspace ws;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t v0 = b * per_block, m = std::min(per_block, n - v0);
+      encode_block(x + v0 * ldx, m, ldx, codebooks, pc, beam_width, codes + v0 * levels,
+                   err ? err + v0 : nullptr, ws);
+    }
+  });
+}
+
+template <class CodeT>
+void rq_decode_cpu(const CodeT* codes, int64_t n, int64_t ldc, int64_t levels,
+                   const float* codebooks, int64_t k, int64_t d, float* out) {
+  require(n >= 0 && d >= 1 && levels >= 0 && k >= 1, "rq_decode: bad sizes");
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, levels * d));
+  parallel_for(n, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* o = out + i * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t l = 0; l < levels; ++l) {
+        const int64_t c = static_cast<int64_t>(codes[i * ldc + l]);
+        if (c < 0 || c >= k)
+          throw std::out_of_range("rq_decode: code " + std::to_string(c) + " at row " +
+                                  std::to_string(i) + ", level " + std::to_string(l) +
+                                  " is outside [0, " + std::to_string(k) + ")");
+        const float* cw = codebooks + (l * k + c) * d;
+        for (int64_t t = 0; t < d; ++t) o[t] += cw[t];
+      }
+    }
+  });
+}
+
+template void rq_decode_cpu<int32_t>(const int32_t*, int64_t, int64_t, int64_t, const float*,
+                                     int64_t, int64_t, float*);
+template void rq_decode_cpu<int64_t>(const int64_t*, int64_t, int64_t, int64_t, const float*,
+                                     int64_t, int64_t, float*);
+
+}  // namespace sigma_fast

@@ -1,0 +1,20 @@
+// Residual quantization on the CPU (torch-free). Semantics: python/sigma_fast/reference/rq.py.
+#pragma once
+
+#include <cstdint>
+
+namespace sigma_fast {
+
+// Encodes n rows of x (width d, row stride ldx) with `levels` codebooks of k codewords each
+// (codebooks is levels x k x d, contiguous). Greedy for beam_width == 1, beam search otherwise.
+// codes: n x levels, contiguous. err (nullable): squared norm of each row's final residual.
+void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const float* codebooks,
+                   int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err);
+
+// Sums the codewords of the first `levels` columns of codes (row stride ldc) into out (n x d).
+// Throws std::out_of_range naming the row and level of a code outside [0, k).
+template <class CodeT>
+void rq_decode_cpu(const CodeT* codes, int64_t n, int64_t ldc, int64_t levels,
+                   const float* codebooks, int64_t k, int64_t d, float* out);
+
+}  // namespace sigma_fast

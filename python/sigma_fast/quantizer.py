@@ -1,0 +1,289 @@
+"""ResidualQuantizer: residual k-means training, encoding, statistics and persistence."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._checks import as_tensor, check_dtype, check_finite, check_int, check_rank
+from ._io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .rq import rq_decode, rq_encode
+
+FORMAT_VERSION = 1
+CODEBOOKS_FILE = "codebooks.safetensors"
+CONFIG_FILE = "rq_config.json"
+
+
+@dataclass
+class RQStats:
+    """Quality statistics of a quantizer on a set of vectors.
+
+    usage: int64 [L, K], how many rows chose each codeword at each level.
+    used_fraction: per level, the fraction of codewords used at least once.
+    mean_sq_error: mean over rows of ||x - decode(encode(x))||^2 (final residual norm).
+    relative_error: sum of squared errors / sum of ||x||^2.
+    collision_rate: 1 - (number of distinct full codes) / N, the share of rows whose full
+        code repeats an earlier row's (0 when every code is unique).
+    max_items_per_code: the most rows sharing one full code.
+    """
+
+    usage: np.ndarray
+    used_fraction: list
+    mean_sq_error: float
+    relative_error: float
+    collision_rate: float
+    max_items_per_code: int
+
+    def as_dict(self) -> dict:
+        return {
+            "used_fraction": [float(f) for f in self.used_fraction],
+            "mean_sq_error": self.mean_sq_error,
+            "relative_error": self.relative_error,
+            "collision_rate": self.collision_rate,
+            "max_items_per_code": self.max_items_per_code,
+        }
+
+
+def _kmeans_pp(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (D^2 sampling), deterministic for a generator state."""
+    n = points.shape[0]
+    p64 = points.astype(np.float64)
+    centers = np.empty((k, points.shape[1]), dtype=np.float32)
+    first = int(rng.integers(n))
+    centers[0] = points[first]
+    closest = ((p64 - p64[first]) ** 2).sum(axis=1)
+    for c in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: repeat points, reseeding fixes it later
+            idx = int(rng.integers(n))
+        else:
+            idx = int(np.searchsorted(np.cumsum(closest), rng.random() * total, side="right"))
+            idx = min(idx, n - 1)
+        centers[c] = points[idx]
+        np.minimum(closest, ((p64 - p64[idx]) ** 2).sum(axis=1), out=closest)
+    return centers
+
+
+def _assign(points: np.ndarray, centers: np.ndarray, backend) -> tuple[np.ndarray, np.ndarray]:
+    codes, err = rq_encode(points, centers[None], return_error=True, backend=backend)
+    return codes[:, 0], err
+
+
+def _update(points: np.ndarray, assign: np.ndarray, err: np.ndarray, centers: np.ndarray) -> int:
+    """Move centres to their cluster means; reseed empty ones on the worst-quantized points.
+    Returns how many were reseeded."""
+    k = centers.shape[0]
+    order = np.argsort(assign, kind="stable")
+    counts = np.bincount(assign, minlength=k)
+    nonempty = np.nonzero(counts)[0]
+    starts = np.concatenate(([0], np.cumsum(counts)))[nonempty]
+    sums = np.add.reduceat(points[order].astype(np.float64), starts, axis=0)
+    centers[nonempty] = (sums / counts[nonempty, None]).astype(np.float32)
+    empty = np.nonzero(counts == 0)[0]
+    if len(empty):
+        # The points quantized worst become new centres (stable order for determinism).
+        worst = np.argsort(-err.astype(np.float64), kind="stable")[: len(empty)]
+        centers[empty[: len(worst)]] = points[worst]
+    return len(empty)
+
+
+class ResidualQuantizer:
+    """L levels of K codewords each, trained by residual k-means.
+
+    >>> rq = ResidualQuantizer().fit(x, num_levels=4, codebook_size=256, seed=0)
+    >>> codes = rq.encode(x)                    # int64 [N, 4]
+    >>> x_hat = rq.decode(codes)                 # float32 [N, D]
+    >>> rq.stats(x).collision_rate
+    >>> rq.save("rq_dir"); rq2 = ResidualQuantizer.load("rq_dir")
+    """
+
+    def __init__(self, codebooks=None, *, beam_width: int = 1):
+        self.beam_width = check_int(beam_width, "beam_width", 1)
+        self.codebooks: torch.Tensor | None = None
+        self.fit_stats: dict = {}
+        if codebooks is not None:
+            cb, _ = as_tensor(codebooks, "codebooks")
+            check_dtype(cb, "codebooks", (torch.float32,))
+            check_rank(cb, "codebooks", 3, "[L, K, D]")
+            check_finite(cb, "codebooks")
+            self.codebooks = cb.detach().cpu().contiguous()
+
+    # ------------------------------------------------------------------ shape facts
+    def _require_fitted(self) -> torch.Tensor:
+        if self.codebooks is None:
+            raise RuntimeError("ResidualQuantizer has no codebooks yet: call fit() or load()")
+        return self.codebooks
+
+    @property
+    def num_levels(self) -> int:
+        return int(self._require_fitted().shape[0])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self._require_fitted().shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self._require_fitted().shape[2])
+
+    def __repr__(self) -> str:
+        if self.codebooks is None:
+            return "ResidualQuantizer(unfitted)"
+        return (f"ResidualQuantizer(num_levels={self.num_levels}, codebook_size="
+                f"{self.codebook_size}, dim={self.dim}, beam_width={self.beam_width})")
+
+    # ---------------------------------------------------------------------- training
+    def fit(self, x, num_levels: int, codebook_size: int, *, iters: int = 20, seed: int = 0,
+            beam_width: int | None = None, init_sample: int | None = None,
+            progress: bool | None = None, backend: str | None = None) -> "ResidualQuantizer":
+        """Train the codebooks by residual k-means.
+
+        Level l runs k-means++ seeding (on up to ``init_sample`` rows, default 64·K) then
+        ``iters`` Lloyd iterations on the residuals left by levels 0..l-1; empty codewords are
+        reseeded on the worst-quantized rows. With ``beam_width`` B > 1 the residuals passed
+        to the next level come from beam-B encoding with the levels trained so far. The
+        result depends only on the data, the arguments and ``seed``.
+        """
+        from tqdm.auto import tqdm
+
+        x_t, _ = as_tensor(x, "x")
+        check_dtype(x_t, "x", (torch.float32,))
+        check_rank(x_t, "x", 2, "[N, D]")
+        num_levels = check_int(num_levels, "num_levels", 1)
+        codebook_size = check_int(codebook_size, "codebook_size", 1)
+        iters = check_int(iters, "iters", 0)
+        seed = check_int(seed, "seed", 0)
+        if beam_width is not None:
+            self.beam_width = check_int(beam_width, "beam_width", 1)
+        n, d = x_t.shape
+        if n < codebook_size:
+            raise ValueError(f"fit needs at least codebook_size = {codebook_size} rows; got {n}")
+        check_finite(x_t, "x")
+        data = np.ascontiguousarray(x_t.detach().cpu().numpy(), dtype=np.float32)
+        sample = init_sample if init_sample is not None else 64 * codebook_size
+        sample = min(n, check_int(sample, "init_sample", 1))
+
+        codebooks = np.zeros((num_levels, codebook_size, d), dtype=np.float32)
+        residual = data.copy()
+        reseeded = []
+        bar = tqdm(total=num_levels * max(iters, 1), desc="residual k-means", unit="iter",
+                   disable=(not progress) if progress is not None else None, leave=False)
+        for level in range(num_levels):
+            rng = np.random.default_rng([seed, level])
+            pick = np.sort(rng.choice(n, size=sample, replace=False)) if sample < n else np.arange(n)
+            centers = _kmeans_pp(residual[pick], codebook_size, rng)
+            n_reseeded = 0
+            for _ in range(iters):
+                assign, err = _assign(residual, centers, backend)
+                n_reseeded += _update(residual, assign, err, centers)
+                bar.update(1)
+            if iters == 0:
+                bar.update(1)
+            codebooks[level] = centers
+            if self.beam_width > 1:
+                codes = rq_encode(data, codebooks[: level + 1], beam_width=self.beam_width,
+                                  backend=backend)
+                residual = data - rq_decode(codes, codebooks[: level + 1], backend=backend)
+            else:
+                assign, _ = _assign(residual, centers, backend)
+                residual = residual - centers[assign]
+            reseeded.append(n_reseeded)
+        bar.close()
+        self.codebooks = torch.from_numpy(codebooks)
+        self.fit_stats = {"reseeded_per_level": reseeded, "seed": seed, "iters": iters,
+                          "num_rows": int(n)}
+        return self
+
+    # ------------------------------------------------------------------------ coding
+    def _codebooks_for(self, like: torch.Tensor | np.ndarray):
+        cb = self._require_fitted()
+        if isinstance(like, torch.Tensor):
+            return cb.to(like.device)
+        return cb.numpy()
+
+    def encode(self, x, *, beam_width: int | None = None, return_error: bool = False,
+               backend: str | None = None):
+        """``rq_encode`` with this quantizer's codebooks (beam width defaults to the one it was
+        trained with)."""
+        return rq_encode(x, self._codebooks_for(x), beam_width=beam_width or self.beam_width,
+                         return_error=return_error, backend=backend)
+
+    def decode(self, codes, *, levels: int | None = None, backend: str | None = None):
+        """``rq_decode`` with this quantizer's codebooks."""
+        return rq_decode(codes, self._codebooks_for(codes), levels=levels, backend=backend)
+
+    def stats(self, x, *, beam_width: int | None = None, backend: str | None = None) -> RQStats:
+        """Codeword usage, reconstruction error and code collisions on ``x``."""
+        codes, err = self.encode(x, beam_width=beam_width, return_error=True, backend=backend)
+        codes = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else codes
+        err = err.cpu().numpy() if isinstance(err, torch.Tensor) else err
+        x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        n = codes.shape[0]
+        usage = np.stack([np.bincount(codes[:, l], minlength=self.codebook_size)
+                          for l in range(self.num_levels)]) if n else np.zeros(
+            (self.num_levels, self.codebook_size), dtype=np.int64)
+        if n:
+            _, counts = np.unique(codes, axis=0, return_counts=True)
+            distinct, max_per = len(counts), int(counts.max())
+        else:
+            distinct, max_per = 0, 0
+        total = float((x_np.astype(np.float64) ** 2).sum())
+        return RQStats(
+            usage=usage,
+            used_fraction=list((usage > 0).mean(axis=1)),
+            mean_sq_error=float(err.astype(np.float64).mean()) if n else 0.0,
+            relative_error=float(err.astype(np.float64).sum() / total) if total > 0 else 0.0,
+            collision_rate=1.0 - distinct / n if n else 0.0,
+            max_items_per_code=max_per,
+        )
+
+    # ------------------------------------------------------------------- persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``codebooks.safetensors`` and ``rq_config.json`` into ``directory`` (each file
+        replaced atomically)."""
+        cb = self._require_fitted()
+        directory = Path(directory)
+        config = {
+            "format": "sigma_fast.ResidualQuantizer",
+            "format_version": FORMAT_VERSION,
+            "num_levels": self.num_levels,
+            "codebook_size": self.codebook_size,
+            "dim": self.dim,
+            "beam_width": self.beam_width,
+            "fit_stats": self.fit_stats,
+        }
+        atomic_save_tensors(directory / CODEBOOKS_FILE, {"codebooks": cb},
+                            metadata={"format": "sigma_fast.ResidualQuantizer"})
+        atomic_write_json(directory / CONFIG_FILE, config)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ResidualQuantizer":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"expected a quantizer directory at {directory}; not found")
+        config = read_json(directory / CONFIG_FILE)
+        if config.get("format") != "sigma_fast.ResidualQuantizer":
+            raise ValueError(f"{directory / CONFIG_FILE}: expected format "
+                             f"'sigma_fast.ResidualQuantizer'; got {config.get('format')!r}")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{directory / CONFIG_FILE}: format_version "
+                             f"{config.get('format_version')} is newer than this sigma_fast "
+                             f"supports ({FORMAT_VERSION})")
+        tensors = load_tensors(directory / CODEBOOKS_FILE)
+        if "codebooks" not in tensors:
+            raise ValueError(f"{directory / CODEBOOKS_FILE}: expected a tensor named "
+                             f"'codebooks'; got {sorted(tensors)}")
+        cb = tensors["codebooks"]
+        expected = [config.get("num_levels"), config.get("codebook_size"), config.get("dim")]
+        if cb.dtype != torch.float32 or list(cb.shape) != expected:
+            raise ValueError(f"{directory / CODEBOOKS_FILE}: expected float32 codebooks of shape "
+                             f"{expected} (from {CONFIG_FILE}); got {str(cb.dtype)} "
+                             f"{list(cb.shape)}")
+        rq = cls(cb, beam_width=int(config.get("beam_width", 1)))
+        rq.fit_stats = config.get("fit_stats", {})
+        return rq

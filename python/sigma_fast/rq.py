@@ -1,0 +1,294 @@
+"""Residual quantization ops: rq_encode, rq_decode, dedup_codes.
+
+Public functions validate shapes, dtypes and devices (static facts, traceable by
+torch.compile), then call the registered custom ops ``sigma_fast::rq_encode`` /
+``sigma_fast::rq_decode``, whose implementations check values (finiteness, code ranges) and
+dispatch to a backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import reference
+from ._backends import load_core, load_cuda, load_triton
+from ._checks import (
+    as_tensor,
+    check_dtype,
+    check_finite,
+    check_index_range,
+    check_int,
+    check_rank,
+    check_same_device,
+    resolve_backend,
+    to_output,
+)
+
+CODE_DTYPE = torch.int64  # dtype of the codes rq_encode returns
+
+# ------------------------------------------------------------------------------ backends
+# Each takes validated tensors and returns tensors on the input's device.
+
+
+def _encode_reference(x, codebooks, beam_width):
+    codes, err = reference.rq_encode(
+        x.detach().cpu().numpy(), codebooks.detach().cpu().numpy(), beam_width=beam_width
+    )
+    return torch.from_numpy(codes).to(x.device), torch.from_numpy(err).to(x.device)
+
+
+def _encode_cpu(x, codebooks, beam_width):
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    codebooks = codebooks.contiguous()
+    n, levels = x.shape[0], codebooks.shape[0]
+    codes = torch.empty((n, levels), dtype=CODE_DTYPE)
+    err = torch.empty((n,), dtype=torch.float32)
+    load_core().rq_encode(x.detach().numpy(), codebooks.detach().numpy(), beam_width,
+                          codes.numpy(), err.numpy())
+    return codes, err
+
+
+def _cuda_stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _encode_cuda(x, codebooks, beam_width):
+    mod = load_cuda()
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    codebooks = codebooks.contiguous()
+    n, d = x.shape
+    levels, k = codebooks.shape[:2]
+    codes = torch.empty((n, levels), dtype=CODE_DTYPE, device=x.device)
+    err = torch.empty((n,), dtype=torch.float32, device=x.device)
+    ws = torch.empty(
+        (mod.rq_encode_workspace_bytes(n, d, levels, k, beam_width),),
+        dtype=torch.uint8, device=x.device,
+    )
+    with torch.cuda.device(x.device):
+        mod.rq_encode(x.data_ptr(), n, d, x.stride(0) if n > 1 else d, codebooks.data_ptr(),
+                      levels, k, beam_width, codes.data_ptr(), err.data_ptr(), ws.data_ptr(),
+                      ws.numel(), _cuda_stream(x.device))
+    return codes, err
+
+
+def _encode_triton(x, codebooks, beam_width):
+    if beam_width != 1:
+        raise NotImplementedError(
+            f"the triton backend implements greedy encoding only (beam_width=1); got "
+            f"beam_width={beam_width}: use backend='cuda' or 'cpu'"
+        )
+    return load_triton().rq.rq_encode(x, codebooks)
+
+
+_ENCODERS = {
+    "reference": _encode_reference,
+    "cpu": _encode_cpu,
+    "cuda": _encode_cuda,
+    "triton": _encode_triton,
+}
+
+
+def _decode_reference(codes, codebooks, levels):
+    out = reference.rq_decode(codes.cpu().numpy(), codebooks.detach().cpu().numpy(), levels=levels)
+    return torch.from_numpy(out).to(codebooks.device)
+
+
+def _decode_cpu(codes, codebooks, levels):
+    if codes.shape[1] > 1 and codes.stride(1) != 1:
+        codes = codes.contiguous()
+    codebooks = codebooks.contiguous()
+    out = torch.empty((codes.shape[0], codebooks.shape[2]), dtype=torch.float32)
+    load_core().rq_decode(codes.numpy(), codebooks.detach().numpy(), levels, out.numpy())
+    return out
+
+
+def _decode_cuda(codes, codebooks, levels):
+    mod = load_cuda()
+    if codes.shape[1] > 1 and codes.stride(1) != 1:
+        codes = codes.contiguous()
+    codebooks = codebooks.contiguous()
+    n = codes.shape[0]
+    k, d = codebooks.shape[1:]
+    out = torch.empty((n, d), dtype=torch.float32, device=codebooks.device)
+    with torch.cuda.device(codebooks.device):
+        mod.rq_decode(codes.data_ptr(), codes.dtype == torch.int64, n,
+                      codes.stride(0) if n > 1 else codes.shape[1], levels,
+                      codebooks.data_ptr(), k, d, out.data_ptr(),
+                      _cuda_stream(codebooks.device))
+    return out
+
+
+def _decode_triton(codes, codebooks, levels):
+    return load_triton().rq.rq_decode(codes, codebooks, levels)
+
+
+_DECODERS = {
+    "reference": _decode_reference,
+    "cpu": _decode_cpu,
+    "cuda": _decode_cuda,
+    "triton": _decode_triton,
+}
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("sigma_fast::rq_encode", mutates_args=())
+def _rq_encode_op(
+    x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_finite(x, "x")
+    check_finite(codebooks, "codebooks")
+    name = resolve_backend(backend, x.device, op="rq_encode", greedy_only_triton=beam_width > 1)
+    return _ENCODERS[name](x, codebooks, beam_width)
+
+
+@_rq_encode_op.register_fake
+def _(x, codebooks, beam_width, backend):
+    return (
+        x.new_empty((x.shape[0], codebooks.shape[0]), dtype=CODE_DTYPE),
+        x.new_empty((x.shape[0],), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("sigma_fast::rq_decode", mutates_args=())
+def _rq_decode_op(
+    codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str
+) -> torch.Tensor:
+    check_finite(codebooks, "codebooks")
+    check_index_range(codes[:, :levels], "codes", codebooks.shape[1])
+    name = resolve_backend(backend, codebooks.device, op="rq_decode")
+    return _DECODERS[name](codes, codebooks, levels)
+
+
+@_rq_decode_op.register_fake
+def _(codes, codebooks, levels, backend):
+    return codebooks.new_empty((codes.shape[0], codebooks.shape[2]))
+
+
+# ------------------------------------------------------------------------------ public ops
+
+
+def _check_codebooks(codebooks: torch.Tensor) -> None:
+    check_dtype(codebooks, "codebooks", (torch.float32,))
+    check_rank(codebooks, "codebooks", 3, "[L, K, D]")
+    levels, k, d = codebooks.shape
+    if levels < 1 or k < 1 or d < 1:
+        raise ValueError(f"codebooks must have L >= 1, K >= 1, D >= 1; got shape {list(codebooks.shape)}")
+
+
+def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
+              backend: str | None = None):
+    """Residual-quantize the rows of ``x``.
+
+    Args:
+        x: float32 [N, D], torch tensor (CPU or CUDA) or NumPy array. Rows may be strided.
+        codebooks: float32 [L, K, D] on the same device.
+        beam_width: 1 for greedy encoding, B > 1 for beam search.
+        return_error: also return each row's final squared reconstruction error.
+        backend: force "reference", "cpu", "cuda" or "triton" (greedy only); default picks
+            the fastest available for the input's device.
+
+    Returns:
+        codes int64 [N, L] (and err float32 [N] when ``return_error``), of the input's kind
+        and device.
+
+    Semantics (exactly those of ``sigma_fast.reference.rq_encode``)::
+
+        r = x
+        for l in range(L):
+            k = argmin_k ||r - C[l, k]||^2          # ties: the smaller k
+            codes[:, l] = k;  r = r - C[l, k]
+        err = ||r||^2
+
+    With beam_width = B: after each level keep the B partial codes with the smallest
+    residual error (ties: lexicographically smaller code tuple), return the best final one.
+    Backends compute distances as ||r||^2 - 2<r, c> + ||c||^2 in float32, so they can
+    disagree with the reference only where two candidates are within float32 rounding.
+    """
+    x_t, was_numpy = as_tensor(x, "x")
+    cb_t, _ = as_tensor(codebooks, "codebooks")
+    check_dtype(x_t, "x", (torch.float32,))
+    check_rank(x_t, "x", 2, "[N, D]")
+    _check_codebooks(cb_t)
+    check_same_device(x_t, "x", cb_t, "codebooks")
+    if cb_t.shape[2] != x_t.shape[1]:
+        raise ValueError(
+            f"codebooks must have D = {x_t.shape[1]} (x's last dimension); got shape {list(cb_t.shape)}"
+        )
+    beam_width = check_int(beam_width, "beam_width", 1)
+    codes, err = torch.ops.sigma_fast.rq_encode(x_t, cb_t, beam_width, backend or "")
+    if return_error:
+        return to_output(codes, was_numpy), to_output(err, was_numpy)
+    return to_output(codes, was_numpy)
+
+
+def rq_decode(codes, codebooks, *, levels: int | None = None, backend: str | None = None):
+    """Reconstruct vectors from codes: ``out = sum_{l < levels} codebooks[l, codes[:, l]]``,
+    summed in level order in float32.
+
+    Args:
+        codes: int32 or int64 [N, L'] with L' <= L (extra levels of codebooks are unused).
+        codebooks: float32 [L, K, D].
+        levels: decode only the first ``levels`` levels (default: all of codes' columns).
+
+    Returns float32 [N, D] of the codes' kind and the codebooks' device. Codes outside
+    [0, K) raise IndexError naming the first one.
+    """
+    codes_t, was_numpy = as_tensor(codes, "codes")
+    cb_t, _ = as_tensor(codebooks, "codebooks")
+    check_dtype(codes_t, "codes", (torch.int32, torch.int64))
+    check_rank(codes_t, "codes", 2, "[N, L]")
+    _check_codebooks(cb_t)
+    check_same_device(cb_t, "codebooks", codes_t, "codes")
+    if codes_t.shape[1] > cb_t.shape[0]:
+        raise ValueError(
+            f"codes must have at most L = {cb_t.shape[0]} columns (codebook levels); got shape "
+            f"{list(codes_t.shape)}"
+        )
+    if levels is None:
+        levels = codes_t.shape[1]
+    levels = check_int(levels, "levels", 0)
+    if levels > codes_t.shape[1]:
+        raise ValueError(f"levels must be <= {codes_t.shape[1]} (codes' columns); got {levels}")
+    out = torch.ops.sigma_fast.rq_decode(codes_t, cb_t, levels, backend or "")
+    return to_output(out, was_numpy)
+
+
+def dedup_codes(codes, *, max_suffix: int | None = None):
+    """Append one level that makes every full code unique.
+
+    The j-th occurrence (in row order, counting from 0) of a code gets suffix j, so the
+    result is deterministic and stable in item order. Returns ``(codes [N, L+1], max_used)``
+    where ``max_used`` is the largest suffix assigned (-1 for N = 0). Raises ValueError if
+    ``max_used`` would exceed ``max_suffix`` (e.g. the size of the extra level's vocabulary
+    minus one).
+    """
+    codes_t, was_numpy = as_tensor(codes, "codes")
+    check_dtype(codes_t, "codes", (torch.int32, torch.int64))
+    check_rank(codes_t, "codes", 2, "[N, L]")
+    if max_suffix is not None:
+        max_suffix = check_int(max_suffix, "max_suffix", 0)
+    arr = codes_t.detach().cpu().numpy()
+    n = arr.shape[0]
+    suffix = np.zeros((n,), dtype=arr.dtype)
+    max_used = -1
+    if n:
+        _, inverse, counts = np.unique(arr, axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")  # rows grouped by code, in item order
+        group_start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        rank_in_group = np.arange(n) - group_start[inverse[order]]
+        suffix[order] = rank_in_group
+        max_used = int(counts.max()) - 1
+        if max_suffix is not None and max_used > max_suffix:
+            worst = arr[np.nonzero(inverse == int(np.argmax(counts)))[0][0]].tolist()
+            raise ValueError(
+                f"dedup_codes: code {worst} is shared by {max_used + 1} rows, which needs suffix "
+                f"{max_used}; max_suffix is {max_suffix}"
+            )
+    out = np.concatenate([arr, suffix[:, None]], axis=1)
+    out_t = torch.from_numpy(out).to(codes_t.device)
+    return to_output(out_t, was_numpy), max_used
