@@ -52,10 +52,15 @@ def _kmeans_pp(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     """k-means++ seeding (D^2 sampling), deterministic for a generator state."""
     n = points.shape[0]
     p64 = points.astype(np.float64)
+    norms = (p64 * p64).sum(axis=1)
     centers = np.empty((k, points.shape[1]), dtype=np.float32)
+
+    def dist_to(idx):
+        return np.maximum(norms - 2.0 * (p64 @ p64[idx]) + norms[idx], 0.0)
+
     first = int(rng.integers(n))
     centers[0] = points[first]
-    closest = ((p64 - p64[first]) ** 2).sum(axis=1)
+    closest = dist_to(first)
     for c in range(1, k):
         total = closest.sum()
         if total <= 0:  # fewer distinct points than k: repeat points, reseeding fixes it later
@@ -64,7 +69,7 @@ def _kmeans_pp(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
             idx = int(np.searchsorted(np.cumsum(closest), rng.random() * total, side="right"))
             idx = min(idx, n - 1)
         centers[c] = points[idx]
-        np.minimum(closest, ((p64 - p64[idx]) ** 2).sum(axis=1), out=closest)
+        np.minimum(closest, dist_to(idx), out=closest)
     return centers
 
 
