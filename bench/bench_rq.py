@@ -110,3 +110,39 @@ def test_rq_decode(benchmark, data, machine, record, provider):
     written = N * D * 4
     record("rq_decode", provider, vectors_per_s=N / t, seconds=t, gb_per_s=written / t / 1e9,
            pct_mem_bw=100.0 * written / t / 1e9 / machine["mem_gbs"])
+
+
+# ------------------------------------------------------------------------------ GPU providers
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _cuda_timed(benchmark, fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return benchmark.pedantic(run, rounds=5, warmup_rounds=2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("beam", BEAMS)
+@pytest.mark.parametrize("provider", ["cuda", "triton", "torch"])
+def test_rq_encode_gpu(benchmark, data, machine, record, beam, provider):
+    if provider != "cuda" and beam != 1:
+        pytest.skip(f"{provider} encodes greedily only")
+    if provider != "torch" and not sf.backends()[provider]:
+        pytest.skip(f"{provider}: {sf.backends()[provider].reason}")
+    x, cb = data
+    xt, cbt = torch.from_numpy(x).cuda(), torch.from_numpy(cb).cuda()
+    if provider == "torch":
+        codes = _cuda_timed(benchmark, lambda: _torch_greedy(xt, cbt))
+        name = "torch[cuda] (matmul+argmin)"
+    else:
+        codes = _cuda_timed(benchmark, lambda: sf.rq_encode(xt, cbt, beam_width=beam, backend=provider))
+        name = f"sigma_fast[{provider}]"
+    t = benchmark.stats.stats.min
+    props = torch.cuda.get_device_properties(0)
+    record(f"rq_encode gpu beam={beam} ({props.name})", name, vectors_per_s=N / t, seconds=t,
+           mse=_mse(x, codes.cpu().numpy(), cb), tflops=_flops(beam) / t / 1e12)
