@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -11,13 +10,26 @@
 #include "common.h"
 #include "dot_kernels.h"
 
+// The encode loops are compiled twice on x86-64 (AVX2 and baseline), chosen at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define SIGMA_FAST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SIGMA_FAST_CLONES
+#endif
+
 namespace sigma_fast {
 namespace {
 
-float squared_norm(const float* v, int64_t d) {
-  double s = 0.0;
-  for (int64_t t = 0; t < d; ++t) s += static_cast<double>(v[t]) * v[t];
-  return static_cast<float>(s);
+// Sum of squares in double with eight independent accumulators (a fixed order, so the result
+// is deterministic; the independent chains let the compiler vectorize and pipeline it).
+SIGMA_FAST_CLONES float squared_norm(const float* v, int64_t d) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(v[t + j]) * v[t + j];
+  for (; t < d; ++t) acc[0] += static_cast<double>(v[t]) * v[t];
+  return static_cast<float>(((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+                            ((acc[4] + acc[5]) + (acc[6] + acc[7])));
 }
 
 // Codebooks packed once per call, with codeword norms for ||r||^2 - 2<r,c> + ||c||^2.
@@ -41,10 +53,12 @@ struct PackedCodebooks {
 
 // Per-thread scratch for a block of vectors; beams of vector i live in rows i*nb .. i*nb+nb-1.
 struct Workspace {
-  std::vector<float> res, res_next, dots, rnorm, rnorm_next, score;
+  std::vector<float> res, res_next, dots, rnorm, rnorm_next, score, cand;
   std::vector<int64_t> prefix, prefix_next;
   std::vector<int32_t> order;
 };
+
+constexpr int64_t kChunk = 16;  // candidates screened together against the worst kept beam
 
 // Candidate distance with NaN mapped to +inf so the orderings below stay strict-weak.
 inline float candidate_score(float rnorm, float cnorm, float dot) {
@@ -52,7 +66,20 @@ inline float candidate_score(float rnorm, float cnorm, float dot) {
   return s == s ? s : std::numeric_limits<float>::infinity();
 }
 
-void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks,
+SIGMA_FAST_CLONES // Minimum of v[0..n) (no NaN), with eight independent lanes so it vectorizes.
+SIGMA_FAST_CLONES float min_value(const float* v, int64_t n) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  float lane[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int t = 0; t < 8; ++t) lane[t] = v[j + t] < lane[t] ? v[j + t] : lane[t];
+  for (; j < n; ++j) lane[0] = v[j] < lane[0] ? v[j] : lane[0];
+  float lo = lane[0];
+  for (int t = 1; t < 8; ++t) lo = lane[t] < lo ? lane[t] : lo;
+  return lo;
+}
+
+SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks,
                   const PackedCodebooks& pc, int64_t beam, int64_t* codes, float* err,
                   Workspace& ws) {
   const int64_t d = pc.d, k = pc.k, kpad = pc.kpad, levels = pc.levels;
@@ -75,18 +102,17 @@ void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks
     const int64_t rows = m * nb;
     dot_panels(ws.res.data(), rows, d, pc.panel(l), kpad / kPanel, d, ws.dots.data(), kpad);
     if (beam == 1) {
+      ws.score.resize(static_cast<size_t>(k));
+      float* sc = ws.score.data();
       for (int64_t i = 0; i < m; ++i) {
         const float* dot = &ws.dots[i * kpad];
+        // Pass 1 (vectorizable): scores with NaN as +inf, and their minimum.
+        for (int64_t j = 0; j < k; ++j) sc[j] = candidate_score(0.0f, cn[j], dot[j]);
+        const float lo = min_value(sc, k);
+        // Pass 2: the first index reaching the minimum (ties keep the smaller index).
         int64_t best = 0;
-        float best_score = std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < k; ++j) {
-          const float s = candidate_score(0.0f, cn[j], dot[j]);
-          if (s < best_score) {  // strict: ties keep the smaller index
-            best_score = s;
-            best = j;
-          }
-        }
-        if (best_score == std::numeric_limits<float>::infinity()) best = 0;
+        while (best < k && sc[best] != lo) ++best;
+        if (best == k) best = 0;  // every score +inf
         ws.prefix[i * levels + l] = best;
         float* r = &ws.res[i * d];
         const float* c = cb + best * d;
@@ -96,21 +122,14 @@ void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks
     }
     const int64_t cands = nb * k;
     const int64_t nb_next = std::min(beam, cands);
-    ws.score.resize(static_cast<size_t>(cands));
-    ws.order.resize(static_cast<size_t>(cands));
+    ws.order.resize(static_cast<size_t>(nb_next));
+    ws.cand.resize(static_cast<size_t>(k));
+    ws.score.resize(static_cast<size_t>(nb_next));
     for (int64_t i = 0; i < m; ++i) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t row = i * nb + b;
-        const float* dot = &ws.dots[row * kpad];
-        for (int64_t j = 0; j < k; ++j)
-          ws.score[b * k + j] = candidate_score(ws.rnorm[row], cn[j], dot[j]);
-      }
-      std::iota(ws.order.begin(), ws.order.end(), 0);
       const int64_t* pre = &ws.prefix[i * nb * levels];
-      auto less = [&](int32_t u, int32_t v) {
-        const float su = ws.score[u], sv = ws.score[v];
+      // Strict "better than" on (score, code tuple): the tuple is the parent's prefix then j.
+      auto better = [&](float su, int64_t u, float sv, int64_t v) {
         if (su != sv) return su < sv;
-        // Equal error: the lexicographically smaller code tuple wins (parent prefix, then code).
         const int64_t bu = u / k, bv = v / k;
         if (bu != bv) {
           const int64_t* pu = pre + bu * levels;
@@ -120,9 +139,44 @@ void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks
         }
         return u % k < v % k;
       };
-      std::partial_sort(ws.order.begin(), ws.order.begin() + nb_next, ws.order.end(), less);
+      // Keep the nb_next best candidates sorted best first; most candidates are rejected by a
+      // single comparison with the current worst kept one.
+      float* kept_score = ws.score.data();
+      int32_t* kept = ws.order.data();
+      int64_t count = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t row = i * nb + b;
+        const float* dot = &ws.dots[row * kpad];
+        const float rn = ws.rnorm[row];
+        float* sc = ws.cand.data();
+        for (int64_t j = 0; j < k; ++j) sc[j] = candidate_score(rn, cn[j], dot[j]);
+        for (int64_t j0 = 0; j0 < k; j0 += kChunk) {
+          const int64_t j1 = std::min(k, j0 + kChunk);
+          if (count == nb_next) {
+            // Skip a chunk none of whose candidates can beat or tie the worst kept one.
+            if (min_value(sc + j0, j1 - j0) > kept_score[count - 1]) continue;
+          }
+          for (int64_t j = j0; j < j1; ++j) {
+            const float s = sc[j];
+            const int64_t cand = b * k + j;
+            if (count == nb_next) {
+              if (!better(s, cand, kept_score[count - 1], kept[count - 1])) continue;
+              --count;  // drop the worst
+            }
+            int64_t pos = count;
+            while (pos > 0 && better(s, cand, kept_score[pos - 1], kept[pos - 1])) {
+              kept_score[pos] = kept_score[pos - 1];
+              kept[pos] = kept[pos - 1];
+              --pos;
+            }
+            kept_score[pos] = s;
+            kept[pos] = static_cast<int32_t>(cand);
+            ++count;
+          }
+        }
+      }
       for (int64_t c = 0; c < nb_next; ++c) {
-        const int64_t b = ws.order[c] / k, j = ws.order[c] % k;
+        const int64_t b = kept[c] / k, j = kept[c] % k;
         const int64_t src = i * nb + b, dst = i * nb_next + c;
         std::memcpy(&ws.prefix_next[dst * levels], &ws.prefix[src * levels],
                     sizeof(int64_t) * l);
