@@ -5,11 +5,18 @@
 #include "bindings_util.h"
 #include "rq_cpu.h"
 
+#include <string>
+
 namespace sigma_fast::bind {
 namespace {
 
 void rq_encode(const py::array& x, const py::array& codebooks, int64_t beam_width,
-               py::array codes, const py::object& err) {
+               py::array codes, const py::object& err, const std::string& strategy) {
+  RqStrategy strat = RqStrategy::kAuto;
+  if (strategy == "direct") strat = RqStrategy::kDirect;
+  else if (strategy == "cross") strat = RqStrategy::kCross;
+  else require(strategy == "auto", "strategy must be 'auto', 'direct' or 'cross'; got '" +
+                                       strategy + "'");
   check_array<float>(x, "x", 2);
   check_array<float>(codebooks, "codebooks", 3);
   check_array<int64_t>(codes, "codes", 2, true);
@@ -35,7 +42,7 @@ void rq_encode(const py::array& x, const py::array& codebooks, int64_t beam_widt
   const auto* cp = static_cast<const float*>(codebooks.data());
   auto* out = static_cast<int64_t*>(codes.mutable_data());
   py::gil_scoped_release release;
-  sigma_fast::rq_encode_cpu(xp, n, d, ldx, cp, levels, k, beam_width, out, err_ptr);
+  sigma_fast::rq_encode_cpu(xp, n, d, ldx, cp, levels, k, beam_width, out, err_ptr, strat);
 }
 
 template <class CodeT>
@@ -78,7 +85,7 @@ void rq_decode(const py::array& codes, const py::array& codebooks, int64_t level
 
 void bind_rq(py::module_& m) {
   m.def("rq_encode", &rq_encode, py::arg("x"), py::arg("codebooks"), py::arg("beam_width"),
-        py::arg("codes"), py::arg("err") = py::none());
+        py::arg("codes"), py::arg("err") = py::none(), py::arg("strategy") = "auto");
   m.def("rq_decode", &rq_decode, py::arg("codes"), py::arg("codebooks"), py::arg("levels"),
         py::arg("out"));
 }

@@ -22,7 +22,7 @@ namespace {
 
 // Sum of squares in double with eight independent accumulators (a fixed order, so the result
 // is deterministic; the independent chains let the compiler vectorize and pipeline it).
-SIGMA_FAST_CLONES float squared_norm(const float* v, int64_t d) {
+inline float squared_norm(const float* v, int64_t d) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t t = 0;
   for (; t + 8 <= d; t += 8)
@@ -38,7 +38,11 @@ struct PackedCodebooks {
   std::vector<float> panels;  // levels x packed_floats(k, d)
   std::vector<float> norms;   // levels x kpad
 
-  PackedCodebooks(const float* cb, int64_t levels_, int64_t k_, int64_t d_)
+  // Cross tables for beam search: cross(p, l)[c][j] = <C_p[c], C_l[j]> for p < l, so that
+  // <r, C_l[j]> = <x, C_l[j]> - sum_{p<l} cross(p, l)[code_p][j] needs no residual vectors.
+  std::vector<float> cross;  // levels x levels x k x kpad (only p < l filled)
+
+  PackedCodebooks(const float* cb, int64_t levels_, int64_t k_, int64_t d_, bool with_cross)
       : levels(levels_), k(k_), d(d_), kpad(round_up(k_, kPanel)) {
     panels.resize(static_cast<size_t>(levels * kpad * d));
     norms.assign(static_cast<size_t>(levels * kpad), 0.0f);
@@ -46,10 +50,29 @@ struct PackedCodebooks {
       pack_panels(cb + l * k * d, k, d, d, panels.data() + l * kpad * d);
       for (int64_t j = 0; j < k; ++j) norms[l * kpad + j] = squared_norm(cb + (l * k + j) * d, d);
     }
+    if (with_cross) {
+      cross.resize(static_cast<size_t>(levels * levels * k * kpad));
+      for (int64_t l = 1; l < levels; ++l)
+        for (int64_t p = 0; p < l; ++p)
+          dot_panels(cb + p * k * d, k, d, panel(l), kpad / kPanel, d,
+                     cross.data() + (p * levels + l) * k * kpad, kpad);
+    }
   }
   const float* panel(int64_t l) const { return panels.data() + l * kpad * d; }
   const float* norm(int64_t l) const { return norms.data() + l * kpad; }
+  const float* cross_row(int64_t p, int64_t l, int64_t c) const {
+    return cross.data() + ((p * levels + l) * k + c) * kpad;
+  }
 };
+
+// Cross tables are used for beam search when they fit this budget (the choice depends only on
+// the codebook shape, never on n, so a row gets the same code in any batch).
+constexpr double kCrossBudgetBytes = 64.0 * (1 << 20);
+
+bool use_cross_tables(int64_t levels, int64_t k, int64_t beam) {
+  const double bytes = 4.0 * levels * (levels - 1) / 2 * k * round_up(k, kPanel);
+  return beam > 1 && levels > 1 && bytes <= kCrossBudgetBytes;
+}
 
 // Per-thread scratch for a block of vectors; beams of vector i live in rows i*nb .. i*nb+nb-1.
 struct Workspace {
@@ -58,7 +81,6 @@ struct Workspace {
   std::vector<int32_t> order;
 };
 
-constexpr int64_t kChunk = 16;  // candidates screened together against the worst kept beam
 
 // Candidate distance with NaN mapped to +inf so the orderings below stay strict-weak.
 inline float candidate_score(float rnorm, float cnorm, float dot) {
@@ -66,8 +88,8 @@ inline float candidate_score(float rnorm, float cnorm, float dot) {
   return s == s ? s : std::numeric_limits<float>::infinity();
 }
 
-SIGMA_FAST_CLONES // Minimum of v[0..n) (no NaN), with eight independent lanes so it vectorizes.
-SIGMA_FAST_CLONES float min_value(const float* v, int64_t n) {
+// Minimum of v[0..n) (no NaN), with eight independent lanes so it vectorizes.
+inline float min_value(const float* v, int64_t n) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   float lane[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
   int64_t j = 0;
@@ -77,6 +99,126 @@ SIGMA_FAST_CLONES float min_value(const float* v, int64_t n) {
   float lo = lane[0];
   for (int t = 1; t < 8; ++t) lo = lane[t] < lo ? lane[t] : lo;
   return lo;
+}
+
+constexpr int64_t kChunk = 16;  // candidates screened together against the worst kept beam
+
+// The `cap` best candidates of one vector at one level, sorted best first by (score, code
+// tuple), where candidate b*k + j extends beam b (whose codes are prefix[b*levels ..]) by j.
+struct TopBeams {
+  int64_t cap, count = 0;
+  const int64_t* prefix;
+  int64_t levels, level, k;
+  float* score;   // [cap]
+  int32_t* cand;  // [cap]
+
+  TopBeams(int64_t cap_, const int64_t* prefix_, int64_t levels_, int64_t level_, int64_t k_,
+           float* score_, int32_t* cand_)
+      : cap(cap_), prefix(prefix_), levels(levels_), level(level_), k(k_), score(score_),
+        cand(cand_) {}
+
+  // Strict "better than": lower score, then the lexicographically smaller code tuple.
+  bool better(float su, int64_t u, float sv, int64_t v) const {
+    if (su != sv) return su < sv;
+    const int64_t bu = u / k, bv = v / k;
+    if (bu != bv) {
+      const int64_t* pu = prefix + bu * levels;
+      const int64_t* pv = prefix + bv * levels;
+      for (int64_t t = 0; t < level; ++t)
+        if (pu[t] != pv[t]) return pu[t] < pv[t];
+    }
+    return u % k < v % k;
+  }
+
+  // Offers the k candidates extending beam b (scores sc[0..k), NaN-free). Most are rejected by
+  // one comparison with the worst kept candidate; whole chunks by their minimum.
+  void offer(int64_t b, const float* sc) {
+    for (int64_t j0 = 0; j0 < k; j0 += kChunk) {
+      const int64_t j1 = std::min(k, j0 + kChunk);
+      if (count == cap && min_value(sc + j0, j1 - j0) > score[count - 1]) continue;
+      for (int64_t j = j0; j < j1; ++j) {
+        const float s = sc[j];
+        const int64_t c = b * k + j;
+        if (count == cap) {
+          if (!better(s, c, score[count - 1], cand[count - 1])) continue;
+          --count;  // drop the worst
+        }
+        int64_t pos = count;
+        while (pos > 0 && better(s, c, score[pos - 1], cand[pos - 1])) {
+          score[pos] = score[pos - 1];
+          cand[pos] = cand[pos - 1];
+          --pos;
+        }
+        score[pos] = s;
+        cand[pos] = static_cast<int32_t>(c);
+        ++count;
+      }
+    }
+  }
+};
+
+// Beam search through the cross tables: per vector one row of <x, C_l[j]> for all levels (one
+// packed GEMM for the block), then per beam and level only l table rows are subtracted.
+SIGMA_FAST_CLONES void encode_block_cross(const float* x, int64_t m, int64_t ldx,
+                                          const float* codebooks, const PackedCodebooks& pc,
+                                          int64_t beam, int64_t* codes, float* err,
+                                          Workspace& ws) {
+  const int64_t d = pc.d, k = pc.k, kpad = pc.kpad, levels = pc.levels;
+  const int64_t width = levels * kpad;
+  ws.dots.resize(static_cast<size_t>(m * width));
+  dot_panels(x, m, ldx, pc.panel(0), width / kPanel, d, ws.dots.data(), width);
+  ws.prefix.resize(static_cast<size_t>(beam * levels));
+  ws.prefix_next.resize(ws.prefix.size());
+  ws.rnorm.resize(static_cast<size_t>(beam));
+  ws.rnorm_next.resize(ws.rnorm.size());
+  ws.score.resize(static_cast<size_t>(beam));
+  ws.order.resize(static_cast<size_t>(beam));
+  ws.cand.resize(static_cast<size_t>(k));
+  ws.res.resize(static_cast<size_t>(kpad + d));
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    const float* xc = &ws.dots[i * width];
+    ws.rnorm[0] = squared_norm(xi, d);
+    int64_t nb = 1;
+    for (int64_t l = 0; l < levels; ++l) {
+      const float* cn = pc.norm(l);
+      const int64_t nb_next = std::min(beam, nb * k);
+      TopBeams top(nb_next, ws.prefix.data(), levels, l, k, ws.score.data(), ws.order.data());
+      float* acc = ws.res.data();
+      float* sc = ws.cand.data();
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t* pre = &ws.prefix[b * levels];
+        for (int64_t j = 0; j < k; ++j) acc[j] = xc[l * kpad + j];
+        for (int64_t p = 0; p < l; ++p) {
+          const float* t = pc.cross_row(p, l, pre[p]);
+          for (int64_t j = 0; j < k; ++j) acc[j] -= t[j];
+        }
+        const float rn = ws.rnorm[b];
+        for (int64_t j = 0; j < k; ++j) sc[j] = candidate_score(rn, cn[j], acc[j]);
+        top.offer(b, sc);
+      }
+      for (int64_t c = 0; c < nb_next; ++c) {
+        const int64_t b = ws.order[c] / k, j = ws.order[c] % k;
+        std::memcpy(&ws.prefix_next[c * levels], &ws.prefix[b * levels], sizeof(int64_t) * l);
+        ws.prefix_next[c * levels + l] = j;
+        ws.rnorm_next[c] = ws.score[c];  // ||r_b - c_j||^2, tracked through the expansion
+      }
+      std::swap(ws.prefix, ws.prefix_next);
+      std::swap(ws.rnorm, ws.rnorm_next);
+      nb = nb_next;
+    }
+    std::memcpy(codes + i * levels, ws.prefix.data(), sizeof(int64_t) * levels);
+    if (err) {
+      // The reported error is recomputed from the float32 residual, as the reference does.
+      float* r = ws.res.data() + kpad;
+      std::memcpy(r, xi, sizeof(float) * d);
+      for (int64_t l = 0; l < levels; ++l) {
+        const float* cw = codebooks + (l * k + ws.prefix[l]) * d;
+        for (int64_t t = 0; t < d; ++t) r[t] -= cw[t];
+      }
+      err[i] = squared_norm(r, d);
+    }
+  }
 }
 
 SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, const float* codebooks,
@@ -123,58 +265,20 @@ SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, cons
     const int64_t cands = nb * k;
     const int64_t nb_next = std::min(beam, cands);
     ws.order.resize(static_cast<size_t>(nb_next));
-    ws.cand.resize(static_cast<size_t>(k));
     ws.score.resize(static_cast<size_t>(nb_next));
+    ws.cand.resize(static_cast<size_t>(k));
     for (int64_t i = 0; i < m; ++i) {
-      const int64_t* pre = &ws.prefix[i * nb * levels];
-      // Strict "better than" on (score, code tuple): the tuple is the parent's prefix then j.
-      auto better = [&](float su, int64_t u, float sv, int64_t v) {
-        if (su != sv) return su < sv;
-        const int64_t bu = u / k, bv = v / k;
-        if (bu != bv) {
-          const int64_t* pu = pre + bu * levels;
-          const int64_t* pv = pre + bv * levels;
-          for (int64_t t = 0; t < l; ++t)
-            if (pu[t] != pv[t]) return pu[t] < pv[t];
-        }
-        return u % k < v % k;
-      };
-      // Keep the nb_next best candidates sorted best first; most candidates are rejected by a
-      // single comparison with the current worst kept one.
-      float* kept_score = ws.score.data();
-      int32_t* kept = ws.order.data();
-      int64_t count = 0;
+      TopBeams top(nb_next, &ws.prefix[i * nb * levels], levels, l, k, ws.score.data(),
+                   ws.order.data());
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t row = i * nb + b;
         const float* dot = &ws.dots[row * kpad];
         const float rn = ws.rnorm[row];
         float* sc = ws.cand.data();
         for (int64_t j = 0; j < k; ++j) sc[j] = candidate_score(rn, cn[j], dot[j]);
-        for (int64_t j0 = 0; j0 < k; j0 += kChunk) {
-          const int64_t j1 = std::min(k, j0 + kChunk);
-          if (count == nb_next) {
-            // Skip a chunk none of whose candidates can beat or tie the worst kept one.
-            if (min_value(sc + j0, j1 - j0) > kept_score[count - 1]) continue;
-          }
-          for (int64_t j = j0; j < j1; ++j) {
-            const float s = sc[j];
-            const int64_t cand = b * k + j;
-            if (count == nb_next) {
-              if (!better(s, cand, kept_score[count - 1], kept[count - 1])) continue;
-              --count;  // drop the worst
-            }
-            int64_t pos = count;
-            while (pos > 0 && better(s, cand, kept_score[pos - 1], kept[pos - 1])) {
-              kept_score[pos] = kept_score[pos - 1];
-              kept[pos] = kept[pos - 1];
-              --pos;
-            }
-            kept_score[pos] = s;
-            kept[pos] = static_cast<int32_t>(cand);
-            ++count;
-          }
-        }
+        top.offer(b, sc);
       }
+      const int32_t* kept = ws.order.data();
       for (int64_t c = 0; c < nb_next; ++c) {
         const int64_t b = kept[c] / k, j = kept[c] % k;
         const int64_t src = i * nb + b, dst = i * nb_next + c;
@@ -204,7 +308,8 @@ SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, cons
 }  // namespace
 
 void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const float* codebooks,
-                   int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err) {
+                   int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err,
+                   RqStrategy strategy) {
   require(n >= 0 && d >= 1 && levels >= 1 && k >= 1,
           "rq_encode: expected n >= 0, d >= 1, levels >= 1, k >= 1; got n=" + std::to_string(n) +
               " d=" + std::to_string(d) + " levels=" + std::to_string(levels) +
@@ -212,9 +317,12 @@ void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const floa
   require(ldx >= d, "rq_encode: row stride of x must be >= d");
   require(beam_width >= 1, "rq_encode: beam_width must be >= 1; got " + std::to_string(beam_width));
   if (n == 0) return;
-  const PackedCodebooks pc(codebooks, levels, k, d);
+  const bool cross = beam_width > 1 && levels > 1 &&
+                     (strategy == RqStrategy::kCross ||
+                      (strategy == RqStrategy::kAuto && use_cross_tables(levels, k, beam_width)));
+  const PackedCodebooks pc(codebooks, levels, k, d, cross);
   // About 192 residual rows per block keeps a block's residuals and dot products in L2.
-  const int64_t per_block = std::max<int64_t>(1, 192 / beam_width);
+  const int64_t per_block = cross ? 64 : std::max<int64_t>(1, 192 / beam_width);
   const int64_t blocks = (n + per_block - 1) / per_block;
   const double flops_per_block =
       2.0 * per_block * static_cast<double>(std::min<int64_t>(beam_width, 64)) * levels *
@@ -224,8 +332,12 @@ void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const floa
     Workspace ws;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * per_block, m = std::min(per_block, n - v0);
-      encode_block(x + v0 * ldx, m, ldx, codebooks, pc, beam_width, codes + v0 * levels,
-                   err ? err + v0 : nullptr, ws);
+      if (cross)
+        encode_block_cross(x + v0 * ldx, m, ldx, codebooks, pc, beam_width, codes + v0 * levels,
+                           err ? err + v0 : nullptr, ws);
+      else
+        encode_block(x + v0 * ldx, m, ldx, codebooks, pc, beam_width, codes + v0 * levels,
+                     err ? err + v0 : nullptr, ws);
     }
   });
 }

@@ -126,3 +126,19 @@ def test_larger_realistic_shape(backend):
     codes, err = sf.rq_encode(torch.from_numpy(x).to(dev), torch.from_numpy(rq_cb).to(dev),
                               return_error=True, backend=backend)
     assert_rq_codes_close(x, rq_cb, codes, err=err)
+
+
+@pytest.mark.parametrize("strategy", ["direct", "cross"])
+@given(**SMALL, beam=st.integers(2, 9), seed=st.integers(0, 2**31 - 1))
+def test_cpu_beam_strategies_match_reference(strategy, n, d, levels, k, beam, seed):
+    """Both ways the C++ beam search evaluates <r, c> (materialised residuals, or codebook
+    cross tables) keep the reference semantics; auto picks one by table size."""
+    if not sf.backends()["cpu"]:
+        pytest.skip(sf.backends()["cpu"].reason)
+    from sigma_fast._backends import load_core
+
+    x, cb = _data(n, d, levels, k, seed)
+    codes = np.empty((n, levels), np.int64)
+    err = np.empty((n,), np.float32)
+    load_core().rq_encode(x, cb, beam, codes, err, strategy=strategy)
+    assert_rq_codes_close(x, cb, codes, beam_width=beam, err=err)
