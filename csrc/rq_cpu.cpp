@@ -342,24 +342,42 @@ void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const floa
   });
 }
 
+namespace {
+
+// out = ((0 + w_0) + w_1) + ... in level order (the reference's order), one pass over out.
+SIGMA_FAST_CLONES void sum_codewords(const float* const* words, int64_t levels, int64_t d,
+                                     float* out) {
+  if (levels == 0) {
+    std::fill(out, out + d, 0.0f);
+    return;
+  }
+  // 0 + w_0 turns -0.0 into +0.0 exactly as the reference's zero-initialised sum does.
+  for (int64_t t = 0; t < d; ++t) out[t] = 0.0f + words[0][t];
+  for (int64_t l = 1; l < levels; ++l) {
+    const float* w = words[l];
+    for (int64_t t = 0; t < d; ++t) out[t] += w[t];
+  }
+}
+
+}  // namespace
+
 template <class CodeT>
 void rq_decode_cpu(const CodeT* codes, int64_t n, int64_t ldc, int64_t levels,
                    const float* codebooks, int64_t k, int64_t d, float* out) {
   require(n >= 0 && d >= 1 && levels >= 0 && k >= 1, "rq_decode: bad sizes");
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, levels * d));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (levels + 1) * d));
   parallel_for(n, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<const float*> words(static_cast<size_t>(levels));
     for (int64_t i = i0; i < i1; ++i) {
-      float* o = out + i * d;
-      std::fill(o, o + d, 0.0f);
       for (int64_t l = 0; l < levels; ++l) {
         const int64_t c = static_cast<int64_t>(codes[i * ldc + l]);
         if (c < 0 || c >= k)
           throw std::out_of_range("rq_decode: code " + std::to_string(c) + " at row " +
                                   std::to_string(i) + ", level " + std::to_string(l) +
                                   " is outside [0, " + std::to_string(k) + ")");
-        const float* cw = codebooks + (l * k + c) * d;
-        for (int64_t t = 0; t < d; ++t) o[t] += cw[t];
+        words[l] = codebooks + (l * k + c) * d;
       }
+      sum_codewords(words.data(), levels, d, out + i * d);
     }
   });
 }

@@ -57,8 +57,20 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+# Value checks of CPU tensors run in NumPy: torch's CPU reductions wake its OpenMP pool, whose
+# spinning threads would then compete with the C++ kernels' threads for the cores.
+
+
+def _host_array(t: torch.Tensor):
+    return t.detach().numpy() if t.device.type == "cpu" and t.dtype != torch.bfloat16 else None
+
+
 def check_finite(t: torch.Tensor, name: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() == 0:
+        return
+    a = _host_array(t)
+    ok = bool(np.isfinite(a).all()) if a is not None else bool(torch.isfinite(t).all())
+    if not ok:
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} must be finite; got {t[tuple(bad)].item()} at index {bad}")
 
@@ -67,7 +79,8 @@ def check_index_range(t: torch.Tensor, name: str, upper: int) -> None:
     """Every entry of integer tensor t must lie in [0, upper)."""
     if t.numel() == 0:
         return
-    lo, hi = int(t.min()), int(t.max())
+    a = _host_array(t)
+    lo, hi = (int(a.min()), int(a.max())) if a is not None else (int(t.min()), int(t.max()))
     if lo < 0 or hi >= upper:
         bad_value = lo if lo < 0 else hi
         where = (t == bad_value).nonzero()[0].tolist()
