@@ -135,14 +135,29 @@ _DECODERS = {
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("sigma_fast::rq_encode", mutates_args=())
-def _rq_encode_op(
-    x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+# NumPy inputs call the implementations directly: the dispatcher adds nothing for them, and its
+# first call imports torch._dynamo (seconds), which a command-line user would feel.
+
+
+def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, backend: str):
     check_finite(x, "x")
     check_finite(codebooks, "codebooks")
     name = resolve_backend(backend, x.device, op="rq_encode", greedy_only_triton=beam_width > 1)
     return _ENCODERS[name](x, codebooks, beam_width)
+
+
+def _rq_decode_impl(codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str):
+    check_finite(codebooks, "codebooks")
+    check_index_range(codes[:, :levels], "codes", codebooks.shape[1])
+    name = resolve_backend(backend, codebooks.device, op="rq_decode")
+    return _DECODERS[name](codes, codebooks, levels)
+
+
+@torch.library.custom_op("sigma_fast::rq_encode", mutates_args=())
+def _rq_encode_op(
+    x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rq_encode_impl(x, codebooks, beam_width, backend)
 
 
 @_rq_encode_op.register_fake
@@ -157,10 +172,7 @@ def _(x, codebooks, beam_width, backend):
 def _rq_decode_op(
     codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str
 ) -> torch.Tensor:
-    check_finite(codebooks, "codebooks")
-    check_index_range(codes[:, :levels], "codes", codebooks.shape[1])
-    name = resolve_backend(backend, codebooks.device, op="rq_decode")
-    return _DECODERS[name](codes, codebooks, levels)
+    return _rq_decode_impl(codes, codebooks, levels, backend)
 
 
 @_rq_decode_op.register_fake
@@ -219,7 +231,8 @@ def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
             f"codebooks must have D = {x_t.shape[1]} (x's last dimension); got shape {list(cb_t.shape)}"
         )
     beam_width = check_int(beam_width, "beam_width", 1)
-    codes, err = torch.ops.sigma_fast.rq_encode(x_t, cb_t, beam_width, backend or "")
+    encode = _rq_encode_impl if was_numpy else torch.ops.sigma_fast.rq_encode
+    codes, err = encode(x_t, cb_t, beam_width, backend or "")
     if return_error:
         return to_output(codes, was_numpy), to_output(err, was_numpy)
     return to_output(codes, was_numpy)
@@ -253,7 +266,8 @@ def rq_decode(codes, codebooks, *, levels: int | None = None, backend: str | Non
     levels = check_int(levels, "levels", 0)
     if levels > codes_t.shape[1]:
         raise ValueError(f"levels must be <= {codes_t.shape[1]} (codes' columns); got {levels}")
-    out = torch.ops.sigma_fast.rq_decode(codes_t, cb_t, levels, backend or "")
+    decode = _rq_decode_impl if was_numpy else torch.ops.sigma_fast.rq_decode
+    out = decode(codes_t, cb_t, levels, backend or "")
     return to_output(out, was_numpy)
 
 
