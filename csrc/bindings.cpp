@@ -10,11 +10,15 @@ namespace py = pybind11;
 
 namespace sigma_fast::bind {
 void bind_rq(py::module_& m);
+void bind_trie(py::module_& m);
+void bind_apf(py::module_& m);
 }  // namespace sigma_fast::bind
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sigma_fast C++ core (torch-free)";
   sigma_fast::bind::bind_rq(m);
+  sigma_fast::bind::bind_trie(m);
+  sigma_fast::bind::bind_apf(m);
   m.def("get_num_threads", &sigma_fast::get_num_threads);
   m.def("set_num_threads", &sigma_fast::set_num_threads, py::arg("n"));
   m.def("dot_kernel_name", &sigma_fast::dot_kernel_name);

@@ -20,7 +20,9 @@ std::atomic<int> g_threads{0};
 
 int get_num_threads() {
   int n = g_threads.load(std::memory_order_relaxed);
-  return n > 0 ? n : default_threads();
+  if (n > 0) return n;
+  static const int fallback = default_threads();  // hardware_concurrency() is a syscall
+  return fallback;
 }
 
 void set_num_threads(int n) {

@@ -2,11 +2,17 @@
 
 Ops (each with reference / cpu / cuda / triton backends, see ``backends()``):
     rq_encode, rq_decode, dedup_codes, ResidualQuantizer
+    apf_fuse over an ItemIndex (adaptive probabilistic fusion)
+    PrefixTrie + constrained_beam_step (trie-constrained beam search over semantic IDs)
 """
 
 from ._backends import BackendStatus, backends, build_info
+from .apf import apf_fuse
+from .beam import BeamStep, constrained_beam_step
+from .index import ItemIndex
 from .quantizer import ResidualQuantizer
 from .rq import rq_decode, rq_encode, dedup_codes
+from .trie import PrefixTrie
 
 __version__ = "0.1.0"
 
@@ -27,9 +33,14 @@ def get_num_threads() -> int:
 
 __all__ = [
     "BackendStatus",
+    "BeamStep",
+    "ItemIndex",
+    "PrefixTrie",
     "ResidualQuantizer",
+    "apf_fuse",
     "backends",
     "build_info",
+    "constrained_beam_step",
     "dedup_codes",
     "get_num_threads",
     "rq_decode",

@@ -5,6 +5,18 @@ public ops, float32 storage where the kernels store float32, and the same tie ru
 integer outputs can be compared exactly.
 """
 
+from .apf import apf_fuse, build_item_index
+from .beam import constrained_beam_step
 from .rq import rq_decode, rq_encode
+from .trie import allowed_nodes, build_trie, trie_walk
 
-__all__ = ["rq_encode", "rq_decode"]
+__all__ = [
+    "allowed_nodes",
+    "apf_fuse",
+    "build_item_index",
+    "build_trie",
+    "constrained_beam_step",
+    "rq_decode",
+    "rq_encode",
+    "trie_walk",
+]

@@ -1,0 +1,278 @@
+"""Adaptive probabilistic fusion: apf_fuse (steps 2 and 3 of SIGMA's three-step generation).
+
+The public function validates shapes, dtypes and devices (static facts, traceable by
+torch.compile), then calls the registered custom op ``sigma_fast::apf_fuse`` on the index's
+tensors; the op's implementation checks values (finite scores, bucket ids in range, non-zero
+queries) and dispatches to a backend.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from . import reference
+from ._backends import load_core
+from ._checks import (
+    as_tensor,
+    check_dtype,
+    check_int,
+    check_rank,
+    check_same_device,
+    dtype_name,
+    resolve_backend,
+    to_output,
+)
+from .index import ItemIndex
+
+NORMALIZE_MODES = ("top_m", "bucket")
+
+# ------------------------------------------------------------------------------ backends
+# Each takes validated tensors (allowed: None or bool [1 or B, id_bound]) and returns
+# (ids, log_probs, sources, bucket_ids, bucket_sims) on the input's device; the bucket outputs
+# have M = 0 columns unless return_buckets.
+
+
+def _apf_reference(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, adaptive,
+                   sigma_min, normalize, dedup, return_buckets):
+    index = SimpleNamespace(embeddings=emb.detach().cpu().numpy(),
+                            offsets=offsets.cpu().numpy(), item_ids=item_ids.cpu().numpy())
+    mask = None
+    if allowed is not None:
+        mask = allowed.cpu().numpy()
+        mask = np.broadcast_to(mask, (phi.shape[0], mask.shape[1]))
+    out = reference.apf_fuse(phi.detach().cpu().numpy(), pids.cpu().numpy(),
+                             q.detach().cpu().numpy(), index, top_m=top_m, top_n=top_n, tau=tau,
+                             adaptive=adaptive, sigma_min=sigma_min, allowed=mask,
+                             normalize=normalize, dedup=dedup, return_buckets=True)
+    out = [torch.from_numpy(np.ascontiguousarray(a)).to(phi.device) for a in out]
+    if not return_buckets:
+        out[3], out[4] = out[3][:, :, :0], out[4][:, :, :0]
+    return tuple(out)
+
+
+def _apf_cpu(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, adaptive,
+             sigma_min, normalize, dedup, return_buckets):
+    device = phi.device  # CUDA inputs without a CUDA kernel run here on host copies
+    phi, pids, q, emb, offsets, item_ids = (t.cpu() for t in (phi, pids, q, emb, offsets,
+                                                              item_ids))
+    allowed = None if allowed is None else allowed.cpu()
+    b, k = phi.shape
+    m = top_m if return_buckets else 0
+    ids = torch.empty((b, top_n), dtype=torch.int64)
+    logp = torch.empty((b, top_n), dtype=torch.float32)
+    src = torch.empty((b, top_n), dtype=torch.int64)
+    b_ids = torch.empty((b, k, m), dtype=torch.int64)
+    b_sims = torch.empty((b, k, m), dtype=torch.float32)
+    arr = lambda t: t.detach().contiguous().numpy()  # noqa: E731
+    load_core().apf_fuse(
+        arr(phi), arr(pids), arr(q), arr(emb), arr(offsets), arr(item_ids),
+        None if allowed is None else arr(allowed), top_m, top_n, tau, adaptive, sigma_min,
+        normalize == "bucket", dedup, ids.numpy(), logp.numpy(), src.numpy(),
+        b_ids.numpy() if return_buckets else None, b_sims.numpy() if return_buckets else None)
+    return tuple(t.to(device) for t in (ids, logp, src, b_ids, b_sims))
+
+
+def _apf_unimplemented(name):
+    def run(*args):
+        raise NotImplementedError(
+            f"apf_fuse has no {name} kernel yet; use backend='cpu' or 'reference' (move the "
+            f"inputs and the index to the CPU with .cpu() / index.to('cpu'))")
+    return run
+
+
+_NOT_YET = ("cuda", "triton")  # default dispatch runs CUDA inputs on the cpu kernel meanwhile
+_APF = {
+    "reference": _apf_reference,
+    "cpu": _apf_cpu,
+    "cuda": _apf_unimplemented("cuda"),
+    "triton": _apf_unimplemented("triton"),
+}
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _first(mask: torch.Tensor) -> list:
+    return mask.nonzero()[0].tolist()
+
+
+def _check_values(phi, pids, q, num_buckets):
+    bad = torch.isnan(phi) | (phi == math.inf)
+    if bool(bad.any()):
+        where = _first(bad)
+        raise ValueError(f"prefix_scores must be finite or -inf (missing beam); got "
+                         f"{phi[tuple(where)].item()} at index {where}")
+    active = torch.isfinite(phi)
+    bad = active & ((pids < 0) | (pids >= num_buckets))
+    if bool(bad.any()):
+        where = _first(bad)
+        raise IndexError(f"prefix_ids must lie in [0, {num_buckets}) where prefix_scores is "
+                         f"finite; got {pids[tuple(where)].item()} at index {where}")
+    bad = active & ~torch.isfinite(q).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"queries must be finite where prefix_scores is finite; got a "
+                         f"non-finite value in queries{_first(bad)}")
+    bad = active & (q == 0).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"queries must be non-zero where prefix_scores is finite (they are "
+                         f"L2-normalised); got an all-zero query at index {_first(bad)}")
+
+
+@torch.library.custom_op("sigma_fast::apf_fuse", mutates_args=())
+def _apf_fuse_op(
+    prefix_scores: torch.Tensor, prefix_ids: torch.Tensor, queries: torch.Tensor,
+    embeddings: torch.Tensor, offsets: torch.Tensor, item_ids: torch.Tensor,
+    allowed: torch.Tensor | None, top_m: int, top_n: int, tau: float, adaptive: bool,
+    sigma_min: float, normalize: str, dedup: bool, return_buckets: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_values(prefix_scores, prefix_ids, queries, offsets.shape[0] - 1)
+    name = resolve_backend(backend, queries.device, op="apf_fuse")
+    if not backend and name in _NOT_YET:  # until the CUDA/Triton kernels land
+        name = "cpu" if load_core() is not None else "reference"
+    return _APF[name](prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids,
+                      allowed, top_m, top_n, tau, adaptive, sigma_min, normalize, dedup,
+                      return_buckets)
+
+
+@_apf_fuse_op.register_fake
+def _(prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids, allowed, top_m, top_n,
+      tau, adaptive, sigma_min, normalize, dedup, return_buckets, backend):
+    b, k = prefix_scores.shape
+    m = top_m if return_buckets else 0
+    return (
+        prefix_scores.new_empty((b, top_n), dtype=torch.int64),
+        prefix_scores.new_empty((b, top_n), dtype=torch.float32),
+        prefix_scores.new_empty((b, top_n), dtype=torch.int64),
+        prefix_scores.new_empty((b, k, m), dtype=torch.int64),
+        prefix_scores.new_empty((b, k, m), dtype=torch.float32),
+    )
+
+
+# ------------------------------------------------------------------------------ public op
+
+
+def _check_real(value, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}; got {value}")
+    return value
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return bool(value)
+
+
+def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int, top_n: int,
+             tau: float, adaptive: bool = True, sigma_min: float = 1e-3, allowed=None,
+             normalize: str = "top_m", dedup: bool = True, return_buckets: bool = False,
+             backend: str | None = None):
+    """Adaptive probabilistic fusion: in-bucket retrieval for each beam, a softmax per bucket
+    scaled by the request's beam-score spread, and the global top N.
+
+    Args:
+        prefix_scores: φ, float32 [B, K]: the K beam log-probabilities of each request; -inf
+            marks a missing (padding) beam. NaN and +inf are errors.
+        prefix_ids: int32/int64 [B, K]: each beam's bucket id in ``index`` (see
+            ``ItemIndex.bucket_of``); ignored where φ is -inf.
+        queries: h, float32 [B, K, D]: each beam's ``<q>`` embedding; normalised by the op
+            (must be finite and non-zero where φ is finite). Rows may be strided.
+        index: the ``ItemIndex`` to search, on the inputs' device.
+        top_m: M >= 1, candidates kept per beam. top_n: N >= 1, results per request.
+        tau: τ > 0, the temperature.
+        adaptive: t_b = max(σ_b, sigma_min) / τ, with σ_b the population standard deviation of
+            request b's finite φ; otherwise t_b = 1 / τ.
+        sigma_min: floor of σ_b (>= 0). The default 1e-3 matters when σ_b = 0 (K = 1, or all
+            beams equally likely): t_b then is 1e-3 / τ (0.02 at τ = 0.05), so the fused score
+            is essentially φ - log M and items rank by beam first, then by similarity.
+        allowed: None, bool [id_bound] shared by every request, or bool [B, id_bound] per
+            request, indexed by caller item id (``index.id_bound`` = max item id + 1). An item
+            outside the mask is never retrieved nor counted in a softmax.
+        normalize: "top_m" (the paper's: softmax over the M kept candidates) or "bucket" (over
+            every allowed item of the bucket: exact, slower).
+        dedup: an item reachable from two beams (two beams on the same bucket) is returned
+            once, with its best log P; with False it may appear once per beam.
+        return_buckets: also return every beam's top-M list.
+        backend: force "reference" or "cpu"; default picks the fastest available (CUDA
+            inputs run on the cpu kernel, via host copies, until the CUDA kernel lands).
+
+    Returns:
+        ``(item_ids int64 [B, N], log_probs float32 [B, N], source_ranks int64 [B, N])``,
+        padded with -1 / -inf / -1 when a request has fewer than N candidates; source_ranks is
+        the beam k each item came from. With ``return_buckets`` also ``(bucket_item_ids int64
+        [B, K, M], bucket_sims float32 [B, K, M])``, best first, padded with -1 / -inf
+        (skipped beams are all padding). NumPy in, NumPy out.
+
+    Semantics (exactly those of ``sigma_fast.reference.apf_fuse``)::
+
+        for b in range(B):
+            beams = [k for k in range(K) if φ[b, k] > -inf]     # none: all padding
+            t = max(std(φ[b, beams]), sigma_min) / τ if adaptive else 1 / τ
+            cands = []
+            for k in beams:
+                items = allowed items of bucket prefix_ids[b, k]     # none: skip the beam
+                s_i = <h[b, k] / |h[b, k]|, v_i>                    # v_i: normalised row
+                kept = top M of items by s_i (ties: smaller item id)
+                lse = logsumexp(t * s_j for j in kept)               # "bucket": j in items
+                cands += [(φ[b, k] + t * s_i - lse, i, k) for i in kept]
+            sort cands by log P descending, then item id, then k
+            if dedup: keep the first occurrence of each item
+            the first N are the outputs
+
+    The cpu backend computes s_i in float32 (the reference in float64 from the same float32
+    vectors) and the rest in float64, so the two differ only in near-ties and in float32
+    rounding of log P (``sigma_fast.testing.assert_apf_close`` states the tolerance).
+    """
+    if not isinstance(index, ItemIndex):
+        raise TypeError(f"index must be a sigma_fast.ItemIndex; got {type(index).__name__}")
+    phi, was_numpy = as_tensor(prefix_scores, "prefix_scores")
+    pids, _ = as_tensor(prefix_ids, "prefix_ids")
+    q, _ = as_tensor(queries, "queries")
+    check_dtype(phi, "prefix_scores", (torch.float32,))
+    check_rank(phi, "prefix_scores", 2, "[B, K]")
+    check_dtype(pids, "prefix_ids", (torch.int32, torch.int64))
+    check_dtype(q, "queries", (torch.float32,))
+    b, k = phi.shape
+    if list(pids.shape) != [b, k]:
+        raise ValueError(f"prefix_ids must be [B, K] = {[b, k]} (prefix_scores' shape); got "
+                         f"shape {list(pids.shape)}")
+    if list(q.shape) != [b, k, index.dim]:
+        raise ValueError(f"queries must be [B, K, D] = {[b, k, index.dim]} (prefix_scores' "
+                         f"shape and the index's dim); got shape {list(q.shape)}")
+    check_same_device(index.embeddings, "the index", phi, "prefix_scores")
+    check_same_device(index.embeddings, "the index", pids, "prefix_ids")
+    check_same_device(index.embeddings, "the index", q, "queries")
+    if allowed is not None:
+        mask, _ = as_tensor(allowed, "allowed")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"allowed must be bool; got {dtype_name(mask.dtype)}")
+        shape = list(mask.shape)
+        if mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+        if mask.dim() != 2 or mask.shape[1] != index.id_bound or mask.shape[0] not in (1, b):
+            raise ValueError(f"allowed must be [id_bound] or [B, id_bound] = {[b, index.id_bound]}"
+                             f" (id_bound = the index's max item id + 1); got shape {shape}")
+        check_same_device(index.embeddings, "the index", mask, "allowed")
+        allowed = mask
+    top_m = check_int(top_m, "top_m", 1)
+    top_n = check_int(top_n, "top_n", 1)
+    tau = _check_real(tau, "tau", positive=True)
+    sigma_min = _check_real(sigma_min, "sigma_min", positive=False)
+    adaptive = _check_bool(adaptive, "adaptive")
+    dedup = _check_bool(dedup, "dedup")
+    return_buckets = _check_bool(return_buckets, "return_buckets")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}; got {normalize!r}")
+    if pids.dtype != torch.int64:
+        pids = pids.to(torch.int64)
+    out = torch.ops.sigma_fast.apf_fuse(
+        phi, pids, q, index.embeddings, index.offsets, index.item_ids, allowed, top_m, top_n,
+        tau, adaptive, sigma_min, normalize, dedup, return_buckets, backend or "")
+    out = tuple(to_output(t, was_numpy) for t in out)
+    return out if return_buckets else out[:3]

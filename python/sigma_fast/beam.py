@@ -1,0 +1,254 @@
+"""Trie-constrained beam search step: constrained_beam_step.
+
+The public function validates shapes, dtypes and devices (static facts, traceable by
+torch.compile), then calls the custom op ``sigma_fast::constrained_beam_step``, whose
+implementation dispatches to a backend (each backend checks values: beam scores, states, NaN
+logits). The op takes the trie's CSR arrays as tensors (custom ops cannot take Python objects).
+In plain eager mode the public function calls the op's implementation directly, skipping the
+dispatcher, whose overhead exceeds the work of a small step; under torch.compile, export or a
+dispatch mode it goes through the registered op.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+from ._backends import load_core
+from ._checks import (
+    as_tensor,
+    check_dtype,
+    check_int,
+    check_rank,
+    check_same_device,
+    resolve_backend,
+    to_output,
+)
+from .reference.beam import NORMALIZE, ON_EMPTY
+from .trie import PrefixTrie
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - other torch versions: always go through the dispatcher
+    _get_current_dispatch_mode = None
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class BeamStep(NamedTuple):
+    """Output of ``constrained_beam_step``, each [B, W], best beam first."""
+
+    scores: torch.Tensor  # float32; -inf for padding beams
+    parent: torch.Tensor  # int64 index into the input beams; -1 for padding
+    token: torch.Tensor  # int64 code chosen at this level; -1 for padding
+    states: torch.Tensor  # int64 trie node reached; -1 for padding
+
+
+# ------------------------------------------------------------------------------ backends
+# Each takes validated tensors (allowed: None or [1 or B, num_nodes]) and returns four tensors
+# on the input's device.
+
+
+def _step_reference(logits, beam_scores, states, co, ct, cn, allowed, beam_width, normalize,
+                    on_empty):
+    def np_(t):
+        return None if t is None else t.detach().cpu().numpy()
+
+    trie = {"child_offsets": np_(co), "child_tokens": np_(ct), "child_nodes": np_(cn)}
+    al = np_(allowed)
+    if al is not None and al.shape[0] == 1:
+        al = al[0]
+    out = reference.constrained_beam_step(np_(logits), np_(beam_scores), np_(states), trie,
+                                          beam_width=beam_width, allowed=al,
+                                          normalize=normalize, on_empty=on_empty)
+    return tuple(torch.from_numpy(o).to(logits.device) for o in out)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _step_cpu(logits, beam_scores, states, co, ct, cn, allowed, beam_width, normalize, on_empty):
+    logits = _rows_contiguous(logits)  # a strided view of a wider vocabulary is used in place
+    if allowed is not None:
+        allowed = _rows_contiguous(allowed)
+    out = load_core().constrained_beam_step(
+        logits.detach().numpy(), beam_scores.contiguous().numpy(), states.contiguous().numpy(),
+        co.numpy(), ct.numpy(), cn.numpy(), None if allowed is None else allowed.numpy(),
+        beam_width, NORMALIZE.index(normalize), on_empty == "pad")
+    return tuple(torch.from_numpy(o) for o in out)
+
+
+_STEPPERS = {
+    "reference": _step_reference,
+    "cpu": _step_cpu,
+}
+
+# Backends that check beam scores and states themselves (the C++ re-checks them anyway, so
+# checking twice would only add latency to a per-token op).
+_SELF_CHECKING = ("reference", "cpu")
+
+
+def _check_values(beam_scores, states, num_nodes):
+    live = beam_scores != float("-inf")
+    bad = live & ~torch.isfinite(beam_scores)
+    if bool(bad.any()):
+        b, w = bad.nonzero()[0].tolist()
+        raise ValueError(f"beam_scores must be finite or -inf (padding); got "
+                         f"{beam_scores[b, w].item()} at request {b}, beam {w}")
+    bad = live & ((states < 0) | (states >= num_nodes))
+    if bool(bad.any()):
+        b, w = bad.nonzero()[0].tolist()
+        raise IndexError(f"states must lie in [0, {num_nodes}) for non-padding beams; got "
+                         f"{states[b, w].item()} at request {b}, beam {w}")
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+def _beam_step_impl(logits, beam_scores, states, child_offsets, child_tokens, child_nodes,
+                    allowed, beam_width, normalize, on_empty, backend):
+    if allowed is not None and allowed.dim() == 1:
+        allowed = allowed.unsqueeze(0)
+    name = resolve_backend(backend, logits.device, op="constrained_beam_step")
+    if name not in _STEPPERS:
+        if backend:
+            raise NotImplementedError(
+                f"constrained_beam_step has no {name!r} backend yet; use backend='reference' "
+                f"(any device) or 'cpu' (CPU tensors)")
+        name = "reference"  # no kernel for this device yet: exact but slow
+    if name not in _SELF_CHECKING:
+        _check_values(beam_scores, states, child_offsets.shape[0] - 1)
+    return _STEPPERS[name](logits, beam_scores, states, child_offsets, child_tokens,
+                           child_nodes, allowed, beam_width, normalize, on_empty)
+
+
+@torch.library.custom_op("sigma_fast::constrained_beam_step", mutates_args=())
+def _beam_step_op(
+    logits: torch.Tensor, beam_scores: torch.Tensor, states: torch.Tensor,
+    child_offsets: torch.Tensor, child_tokens: torch.Tensor, child_nodes: torch.Tensor,
+    allowed: torch.Tensor | None, beam_width: int, normalize: str, on_empty: str, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _beam_step_impl(logits, beam_scores, states, child_offsets, child_tokens, child_nodes,
+                           allowed, beam_width, normalize, on_empty, backend)
+
+
+@_beam_step_op.register_fake
+def _(logits, beam_scores, states, child_offsets, child_tokens, child_nodes, allowed,
+      beam_width, normalize, on_empty, backend):
+    b = logits.shape[0]
+    return (
+        logits.new_empty((b, beam_width), dtype=torch.float32),
+        logits.new_empty((b, beam_width), dtype=torch.int64),
+        logits.new_empty((b, beam_width), dtype=torch.int64),
+        logits.new_empty((b, beam_width), dtype=torch.int64),
+    )
+
+
+# ------------------------------------------------------------------------------ public op
+
+
+def _eager() -> bool:
+    """True outside torch.compile / export tracing and outside any TorchDispatchMode (fake
+    tensors, ...): then the op's implementation can run directly. A step is a few
+    microseconds of work at small sizes, and a Python custom op's dispatch costs tens."""
+    if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
+        return False
+    return _get_current_dispatch_mode() is None
+
+
+def constrained_beam_step(logits, beam_scores, states, trie: PrefixTrie, *, beam_width: int,
+                          allowed=None, normalize: str = "full", on_empty: str = "error",
+                          backend: str | None = None) -> BeamStep:
+    """One step of beam search constrained to the prefixes of ``trie`` (DESIGN.md section 3).
+
+    Args:
+        logits: [B, W_in, K] next-token logits of each input beam over the K = trie.codebook_size
+            codes of this level; float32 (bf16 / fp16 are upcast). May be a strided view such as
+            ``lm_logits[:, :, off:off + K]`` of a wider vocabulary (rows need stride 1 in the
+            last dimension only; the cpu backend reads the view in place).
+        beam_scores: float32 [B, W_in], cumulative log-probabilities; -inf marks a padding beam
+            (a search starts with one real beam per request and W_in - 1 padding beams).
+        states: int64 [B, W_in], the trie node of each beam (root = 0; ignored for padding).
+        trie: the PrefixTrie, on the same device as the other tensors (``trie.to(device)``).
+        beam_width: W >= 1, the number of output beams per request.
+        allowed: None, bool [num_nodes] shared by every request, or bool [B, num_nodes] per
+            request (from ``trie.allowed_nodes(item_mask)``): restricts candidates to nodes
+            with at least one allowed item below them.
+        normalize: how a token's log-probability is obtained from its logit: "full"
+            (log-softmax over all K codes, default), "valid" (log-softmax over the beam's valid
+            children only) or "none" (logits already are log-probabilities).
+        on_empty: a request with no candidate at all raises ValueError naming it ("error",
+            default) or gets W padding beams ("pad").
+        backend: "reference" or "cpu"; default picks the fastest for the device (devices with
+            no kernel yet run the reference).
+
+    Returns ``BeamStep(scores float32, parent int64, token int64, states int64)``, each [B, W],
+    of the input's kind and device, sorted best first::
+
+        for each request b:
+            candidates = [(beam_scores[b, w] + logprob(b, w, token), w, token, child)
+                          for each live beam w (beam_scores[b, w] > -inf)
+                          for each (token, child) under states[b, w]
+                          if allowed is None or allowed[b][child]]   # -inf scores dropped
+            keep the W best: score descending, then parent w ascending, then token ascending
+            pad the rest with (-inf, -1, -1, -1)
+
+    A beam whose node has no valid child contributes nothing; a request with no candidate at
+    all is an error unless ``on_empty="pad"``. NaN or +inf logits in a live beam's row, NaN or
+    +inf beam scores, and states outside [0, num_nodes) for live beams raise. The result does
+    not depend on the backend's thread count. Scores are float32 sums; with normalize="full" or
+    "valid" backends may differ from the reference by a few ulp of the log-sum-exp (see
+    ``sigma_fast.testing.assert_beam_step_close``).
+    """
+    if not isinstance(trie, PrefixTrie):
+        raise TypeError(f"trie must be a sigma_fast.PrefixTrie; got {type(trie).__name__}")
+    lg, was_numpy = as_tensor(logits, "logits")
+    bs, _ = as_tensor(beam_scores, "beam_scores")
+    st, _ = as_tensor(states, "states")
+    check_dtype(lg, "logits", _LOGIT_DTYPES)
+    check_rank(lg, "logits", 3, "[B, W_in, K]")
+    check_dtype(bs, "beam_scores", (torch.float32,))
+    check_rank(bs, "beam_scores", 2, "[B, W_in]")
+    check_dtype(st, "states", (torch.int64,))
+    check_rank(st, "states", 2, "[B, W_in]")
+    b, w_in, k = lg.shape
+    if list(bs.shape) != [b, w_in] or list(st.shape) != [b, w_in]:
+        raise ValueError(f"beam_scores and states must be [B, W_in] = [{b}, {w_in}] (logits' "
+                         f"first dimensions); got {list(bs.shape)} and {list(st.shape)}")
+    if k != trie.codebook_size:
+        raise ValueError(f"logits must have K = {trie.codebook_size} (trie.codebook_size) in "
+                         f"the last dimension; got shape {list(lg.shape)}")
+    check_same_device(lg, "logits", bs, "beam_scores")
+    check_same_device(lg, "logits", st, "states")
+    if trie.device != lg.device:
+        raise ValueError(f"trie must be on the same device as logits ({lg.device}); got "
+                         f"{trie.device} (use trie.to(device))")
+    al = None
+    if allowed is not None:
+        al, _ = as_tensor(allowed, "allowed")
+        check_dtype(al, "allowed", (torch.bool,))
+        if not (al.dim() == 1 and al.shape[0] == trie.num_nodes) and not (
+                al.dim() == 2 and list(al.shape) == [b, trie.num_nodes]):
+            raise ValueError(f"allowed must be [num_nodes] = [{trie.num_nodes}] or [B, "
+                             f"num_nodes] = [{b}, {trie.num_nodes}]; got shape {list(al.shape)}")
+        check_same_device(lg, "logits", al, "allowed")
+    beam_width = check_int(beam_width, "beam_width", 1)
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
+    if on_empty not in ON_EMPTY:
+        raise ValueError(f"on_empty must be one of {ON_EMPTY}; got {on_empty!r}")
+    if lg.dtype != torch.float32:
+        lg = lg.float()
+    args = (lg, bs, st, trie.child_offsets, trie.child_tokens, trie.child_nodes, al, beam_width,
+            normalize, on_empty, backend or "")
+    if _eager():
+        out = _beam_step_impl(*args)  # the dispatcher would cost more than a small step
+    else:
+        out = torch.ops.sigma_fast.constrained_beam_step(*args)
+    return BeamStep(*(to_output(o, was_numpy) for o in out))
+
+
+__all__ = ["BeamStep", "constrained_beam_step"]
