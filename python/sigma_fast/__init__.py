@@ -31,15 +31,39 @@ def get_num_threads() -> int:
     return int(require_backend("cpu").get_num_threads())
 
 
+_LAZY = {name: ".search" for name in ("SIDConstrainedLogitsProcessor", "SIDVocab",
+                                      "SearchResult", "check_generation_config",
+                                      "constrained_beam_search")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sigma_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "BackendStatus",
     "BeamStep",
     "ItemIndex",
     "PrefixTrie",
     "ResidualQuantizer",
+    "SIDConstrainedLogitsProcessor",
+    "SIDVocab",
+    "SearchResult",
     "apf_fuse",
     "backends",
     "build_info",
+    "check_generation_config",
+    "constrained_beam_search",
     "constrained_beam_step",
     "dedup_codes",
     "get_num_threads",
