@@ -4,7 +4,7 @@ brute-force scoring of every candidate, and the edge cases of the contract."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sigma_fast as sf
@@ -15,15 +15,9 @@ from sigma_fast.testing import assert_apf_close
 from conftest import backend_params, device_for
 
 
-def apf_backends():
-    """Every backend; cuda / triton have no apf_fuse kernel yet and are skipped saying so."""
-    params = []
-    for p in backend_params():
-        if p.values[0] in ("cuda", "triton"):
-            p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.skip(
-                reason=f"apf_fuse has no {p.values[0]} kernel yet")])
-        params.append(p)
-    return params
+def apf_backends(exclude=()):
+    """Every backend (unavailable ones skipped with the reason by backend_params)."""
+    return backend_params(exclude)
 
 
 def make_case(seed, *, n_items=60, dim=12, num_buckets=6, batch=3, beams=4, empty=1,
@@ -165,6 +159,30 @@ def test_matches_brute_force(backend, case, params):
     index, phi, pids, q, allowed = make_case(**case)
     got = run(backend, index, phi, pids, q, allowed=allowed, **params)
     want = brute_force(index, phi, pids, q, allowed=allowed, **params)
+    assert_apf_close(got, want, phi, index.dim, tau=params["tau"], adaptive=params["adaptive"],
+                     sigma_min=params["sigma_min"])
+
+
+@pytest.mark.parametrize("backend", apf_backends(exclude=("reference", "cpu")))
+@pytest.mark.parametrize("scan_rows", [1, 4])
+@settings(max_examples=8)
+@given(case=st.fixed_dictionaries(CASES), params=st.fixed_dictionaries(PARAMS))
+def test_multi_tile_scan_matches_reference(backend, scan_rows, case, params):
+    # The Triton scan merges its running top-M with each tile of rows; tiny tiles make the
+    # small test buckets span many tiles (the cuda kernel's tiles are fixed at 256 rows:
+    # test_long_buckets_and_large_top_m covers its merge).
+    tri = None
+    if backend == "triton":
+        import sigma_fast.triton.apf as tri
+        before, tri.SCAN_ROWS = tri.SCAN_ROWS, scan_rows
+    try:
+        index, phi, pids, q, allowed = make_case(**case)
+        got = run(backend, index, phi, pids, q, allowed=allowed, return_buckets=True, **params)
+    finally:
+        if tri is not None:
+            tri.SCAN_ROWS = before
+    want = reference.apf_fuse(phi, pids, q, index, allowed=allowed, return_buckets=True,
+                              **params)
     assert_apf_close(got, want, phi, index.dim, tau=params["tau"], adaptive=params["adaptive"],
                      sigma_min=params["sigma_min"])
 
@@ -402,3 +420,61 @@ def test_cuda_inputs_run_on_the_default_backend():
     assert all(o.device.type == "cuda" for o in got)
     want = reference.apf_fuse(phi, pids, q, index, **KW)
     assert_apf_close(tuple(o.cpu() for o in got), want, phi, index.dim, tau=KW["tau"])
+
+
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference", "cpu")))
+def test_index_built_on_cpu_moved_and_fused_elsewhere(backend):
+    # Build on the CPU, move with .to(device), fuse on another backend; compare with cpu.
+    index, phi, pids, q, allowed = make_case(13, mask="per_request", dup_frac=0.5)
+    dev = device_for(backend)
+    moved = index.to(dev)
+    assert moved.device.type == dev
+    t = lambda a: torch.from_numpy(np.asarray(a)).to(dev)  # noqa: E731
+    got = sf.apf_fuse(t(phi), t(pids), t(q), moved, allowed=t(allowed), backend=backend,
+                      return_buckets=True, **KW)
+    want = sf.apf_fuse(phi, pids, q, index, allowed=allowed, backend="cpu",
+                       return_buckets=True, **KW)
+    assert_apf_close(tuple(g.cpu() for g in got), want, phi, index.dim, tau=KW["tau"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_index_on_another_device_is_refused_with_a_hint():
+    index, phi, pids, q, _ = make_case(13)
+    with pytest.raises(ValueError, match=r"index\.to"):
+        sf.apf_fuse(torch.from_numpy(phi).cuda(), torch.from_numpy(pids).cuda(),
+                    torch.from_numpy(q).cuda(), index, **KW)
+
+
+@pytest.mark.parametrize("backend", apf_backends(exclude=("reference",)))
+def test_long_buckets_and_large_top_m(backend):
+    # Buckets longer than the kernels' row tiles (cuda: 256 rows, triton: up to 64), top_m
+    # beyond one tile's survivors, and normalize="bucket" accumulated over many tiles.
+    rng = np.random.default_rng(14)
+    n, d = (300 if backend == "triton" else 1400), 8
+    codes = np.where(np.arange(n) < n - 100, 0, 1)
+    index = sf.ItemIndex(rng.standard_normal((n, d)).astype(np.float32), codes)
+    phi = rng.standard_normal((2, 3)).astype(np.float32)
+    pids = np.array([[0, 1, 0], [0, 0, 1]])
+    q = rng.standard_normal((2, 3, d)).astype(np.float32)
+    allowed = rng.random((2, n)) > 0.2
+    for normalize in ("top_m", "bucket"):
+        kw = dict(top_m=90 if backend == "triton" else 300, top_n=50, tau=0.2,
+                  normalize=normalize)
+        got = run(backend, index, phi, pids, q, allowed=allowed, return_buckets=True, **kw)
+        want = reference.apf_fuse(phi, pids, q, index, allowed=allowed, return_buckets=True,
+                                  **kw)
+        assert_apf_close(got, want, phi, d, tau=0.2)
+
+
+def test_triton_default_dispatch_and_top_m_limit():
+    # Forced triton with top_m beyond its kernel says so; the error names the alternatives.
+    if not sf.backends()["triton"]:
+        pytest.skip(f"triton unavailable: {sf.backends()['triton'].reason}")
+    from sigma_fast.triton.apf import MAX_TOP_M
+
+    index, phi, pids, q, _ = make_case(15)
+    dev = device_for("triton")
+    t = lambda a: torch.from_numpy(np.asarray(a)).to(dev)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="top_m"):
+        sf.apf_fuse(t(phi), t(pids), t(q), index.to(dev), backend="triton", top_m=MAX_TOP_M + 1,
+                    top_n=5, tau=0.1)

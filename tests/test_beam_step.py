@@ -4,7 +4,7 @@ tie / padding / empty-request rules of DESIGN.md section 3, and determinism."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sigma_fast as sf
@@ -12,12 +12,31 @@ from sigma_fast import reference
 from sigma_fast.reference.beam import NORMALIZE
 from sigma_fast.testing import assert_beam_step_close, clustered_codes
 
-from conftest import backend_params
+from conftest import backend_params, device_for
 
-# cuda / triton kernels for the step do not exist yet (issue 3): the compiled backends tested
-# here are the CPU ones; "reference" checks the op's dispatch to the reference.
-STEP_BACKENDS = backend_params(exclude=("cuda", "triton"))
+# Every backend; "reference" checks the op's dispatch to the reference. Triton runs on the CPU
+# interpreter where there is no GPU (about 0.3 s a launch), so its hypothesis sweeps are
+# separate tests with fewer examples there; cuda tests are skipped (with the reason) without a
+# GPU.
+STEP_BACKENDS = backend_params()
+SWEEP_BACKENDS = backend_params(exclude=("triton",))
+TRITON = backend_params(exclude=("reference", "cpu", "cuda"))
+TRITON_EXAMPLES = 40 if torch.cuda.is_available() else 8
 NEG = float("-inf")
+
+
+def _on(backend, *tensors):
+    """The tensors (None stays None) on the device the backend runs on."""
+    dev = device_for(backend)
+    return tuple(None if t is None else t.to(dev) for t in tensors)
+
+
+def _step(backend, logits, scores, states, trie, *, allowed=None, **kwargs):
+    """constrained_beam_step on the backend's device; outputs back on the CPU."""
+    logits, scores, states, allowed = _on(backend, logits, scores, states, allowed)
+    out = sf.constrained_beam_step(logits, scores, states, trie.to(logits.device),
+                                   allowed=allowed, backend=backend, **kwargs)
+    return type(out)(*(t.cpu() for t in out))
 
 CATALOG = st.tuples(st.integers(1, 30), st.integers(1, 3), st.integers(1, 6),
                     st.integers(0, 2**31 - 1))
@@ -58,21 +77,34 @@ def _allowed(trie, kind, batch, rng):
     return al[0] if kind == "shared" else al
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
-@given(cat=WIDE_CATALOG, batch=st.integers(0, 4), beams_in=st.integers(0, 6),
-       beam_width=st.integers(1, 8), normalize=st.sampled_from(NORMALIZE),
-       allowed_kind=st.sampled_from(["none", "shared", "per_request"]), ties=st.booleans(),
-       strided=st.booleans())
-def test_step_matches_reference(backend, cat, batch, beams_in, beam_width, normalize,
-                                allowed_kind, ties, strided):
+STEP_SWEEP = dict(cat=WIDE_CATALOG, batch=st.integers(0, 4), beams_in=st.integers(0, 6),
+                  beam_width=st.integers(1, 8), normalize=st.sampled_from(NORMALIZE),
+                  allowed_kind=st.sampled_from(["none", "shared", "per_request"]),
+                  ties=st.booleans(), strided=st.booleans())
+
+
+@pytest.mark.parametrize("backend", SWEEP_BACKENDS)
+@given(**STEP_SWEEP)
+def test_step_matches_reference(backend, **params):
+    _check_step_matches_reference(backend, **params)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@settings(max_examples=TRITON_EXAMPLES)
+@given(**STEP_SWEEP)
+def test_triton_step_matches_reference(backend, **params):
+    _check_step_matches_reference(backend, **params)
+
+
+def _check_step_matches_reference(backend, cat, batch, beams_in, beam_width, normalize,
+                                  allowed_kind, ties, strided):
     n, levels, k, seed = cat
     _, trie = _trie(n, levels, k, seed)
     rng = np.random.default_rng(seed)
     logits, scores, states = _inputs(trie, batch, beams_in, rng, ties=ties, strided=strided)
     allowed = _allowed(trie, allowed_kind, batch, rng)
-    got = sf.constrained_beam_step(logits, scores, states, trie, beam_width=beam_width,
-                                   allowed=allowed, normalize=normalize, on_empty="pad",
-                                   backend=backend)
+    got = _step(backend, logits, scores, states, trie, beam_width=beam_width, allowed=allowed,
+                normalize=normalize, on_empty="pad")
     assert [t.dtype for t in got] == [torch.float32, torch.int64, torch.int64, torch.int64]
     assert all(t.shape == (batch, beam_width) for t in got)
     want = reference.constrained_beam_step(logits.numpy(), scores.numpy(), states.numpy(), trie,
@@ -98,9 +130,8 @@ def _search(trie, table, width, *, allowed=None, normalize="full", backend=None,
     codes = torch.zeros((batch, width, 0), dtype=torch.int64)
     for _ in range(trie.num_levels):
         logits = table[states.clamp(min=0)]
-        out = sf.constrained_beam_step(logits, scores, states, trie, beam_width=width,
-                                       allowed=allowed, normalize=normalize, on_empty="pad",
-                                       backend=backend)
+        out = _step(backend or "", logits, scores, states, trie, beam_width=width,
+                    allowed=allowed, normalize=normalize, on_empty="pad")
         index = out.parent.clamp(min=0)[..., None].expand(-1, -1, codes.shape[2])
         prev = torch.gather(codes, 1, index)
         codes = torch.cat([prev, out.token[..., None]], dim=2)
@@ -132,10 +163,22 @@ def _exhaustive(codes, trie, table, item_mask, normalize):
     return out
 
 
-@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("backend", SWEEP_BACKENDS)
 @pytest.mark.parametrize("normalize", NORMALIZE)
 @given(cat=CATALOG, masked=st.booleans())
 def test_wide_search_equals_exhaustive_enumeration(backend, normalize, cat, masked):
+    _check_wide_search(backend, normalize, cat, masked)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("normalize", NORMALIZE)
+@settings(max_examples=max(2, TRITON_EXAMPLES // 3))
+@given(cat=CATALOG, masked=st.booleans())
+def test_triton_wide_search_equals_exhaustive_enumeration(backend, normalize, cat, masked):
+    _check_wide_search(backend, normalize, cat, masked)
+
+
+def _check_wide_search(backend, normalize, cat, masked):
     n, levels, k, seed = cat
     codes, trie = _trie(n, levels, k, seed)
     rng = np.random.default_rng(seed)
@@ -207,8 +250,7 @@ def test_ties_go_to_the_smaller_parent_then_the_smaller_token(backend):
     logits = torch.zeros((1, 3, 3))  # every candidate of a beam scores the same
     scores = torch.tensor([[-1.0, -1.0, -1.0]])
     states = torch.tensor([[2, 1, 3]])  # nodes (1), (0), (2)
-    out = sf.constrained_beam_step(logits, scores, states, trie, beam_width=4, normalize="none",
-                                   backend=backend)
+    out = _step(backend, logits, scores, states, trie, beam_width=4, normalize="none")
     assert out.parent.tolist() == [[0, 1, 1, 2]] and out.token.tolist() == [[2, 0, 1, 0]]
     assert out.scores.tolist() == [[-1.0] * 4]
 
@@ -219,7 +261,7 @@ def test_padding_beams_and_padded_outputs(backend):
     logits = torch.randn(2, 3, 3)
     scores = torch.tensor([[0.0, NEG, NEG], [NEG, -0.5, NEG]])
     states = torch.tensor([[0, 77, -5], [-1, 0, 12345]])  # padding states are ignored
-    out = sf.constrained_beam_step(logits, scores, states, trie, beam_width=5, backend=backend)
+    out = _step(backend, logits, scores, states, trie, beam_width=5)
     # the root has 3 children: 3 beams, then 2 padding beams
     assert (out.parent[0, :3] == 0).all() and (out.parent[1, :3] == 1).all()
     assert out.scores[:, 3:].eq(NEG).all() and out.parent[:, 3:].eq(-1).all()
@@ -234,9 +276,8 @@ def test_a_request_without_candidates_raises_or_pads(backend):
     scores = torch.tensor([[0.0, NEG], [NEG, NEG], [0.0, NEG]])  # request 1: all padding
     states = torch.zeros((3, 2), dtype=torch.int64)
     with pytest.raises(ValueError, match="request 1 has no valid continuation"):
-        sf.constrained_beam_step(logits, scores, states, trie, beam_width=2, backend=backend)
-    out = sf.constrained_beam_step(logits, scores, states, trie, beam_width=2, on_empty="pad",
-                                   backend=backend)
+        _step(backend, logits, scores, states, trie, beam_width=2)
+    out = _step(backend, logits, scores, states, trie, beam_width=2, on_empty="pad")
     assert out.parent[1].tolist() == [-1, -1] and out.scores[1].eq(NEG).all()
     assert out.parent[0].tolist() == [0, 0] and out.parent[2].tolist() == [0, 0]
 
@@ -248,18 +289,18 @@ def test_masks_that_allow_nothing_under_a_beam(backend):
     allowed = torch.from_numpy(trie.allowed_nodes(item_mask))
     logits = torch.randn(1, 2, 3)
     states = torch.tensor([[2, 1]])  # node (1): has [1, 2]; node (0): nothing allowed below
-    out = sf.constrained_beam_step(logits, torch.tensor([[-3.0, 0.0]]), states, trie,
-                                   beam_width=3, allowed=allowed, backend=backend)
+    out = _step(backend, logits, torch.tensor([[-3.0, 0.0]]), states, trie, beam_width=3,
+                allowed=allowed)
     assert out.parent.tolist() == [[0, -1, -1]] and out.token.tolist() == [[2, -1, -1]]
     # only the empty beam left: the request has no candidate at all
     with pytest.raises(ValueError, match="request 0 has no valid continuation"):
-        sf.constrained_beam_step(logits[:, 1:], torch.tensor([[0.0]]), states[:, 1:], trie,
-                                 beam_width=3, allowed=allowed, backend=backend)
+        _step(backend, logits[:, 1:], torch.tensor([[0.0]]), states[:, 1:], trie,
+              beam_width=3, allowed=allowed)
     # an empty subset
     none = torch.from_numpy(trie.allowed_nodes(np.zeros(5, bool)))
     with pytest.raises(ValueError, match="request 0"):
-        sf.constrained_beam_step(logits, torch.tensor([[0.0, 0.0]]), states, trie, beam_width=3,
-                                 allowed=none, backend=backend)
+        _step(backend, logits, torch.tensor([[0.0, 0.0]]), states, trie, beam_width=3,
+              allowed=none)
 
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
@@ -269,10 +310,10 @@ def test_shared_allowed_equals_per_request_copies(backend):
     rng = np.random.default_rng(0)
     logits, scores, states = _inputs(trie, 5, 4, rng, ties=False, strided=False, padding=0.0)
     shared = torch.from_numpy(trie.allowed_nodes(rng.random(200) < 0.3))
-    a = sf.constrained_beam_step(logits, scores, states, trie, beam_width=6, allowed=shared,
-                                 on_empty="pad", backend=backend)
-    b = sf.constrained_beam_step(logits, scores, states, trie, beam_width=6,
-                                 allowed=shared.expand(5, -1), on_empty="pad", backend=backend)
+    a = _step(backend, logits, scores, states, trie, beam_width=6, allowed=shared,
+              on_empty="pad")
+    b = _step(backend, logits, scores, states, trie, beam_width=6,
+              allowed=shared.expand(5, -1), on_empty="pad")
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -282,8 +323,7 @@ def test_normalize_modes(backend):
     _, trie = _toy()
     logits = torch.tensor([[[1.0, 2.0, 3.0]]])
     args = (torch.tensor([[0.0]]), torch.tensor([[1]]), trie)  # node (0): tokens 0, 1
-    full, valid, none = (sf.constrained_beam_step(logits, *args, beam_width=2, normalize=mode,
-                                                  backend=backend)
+    full, valid, none = (_step(backend, logits, *args, beam_width=2, normalize=mode)
                          for mode in ("full", "valid", "none"))
     lsm_full = torch.log_softmax(logits[0, 0], 0)
     lsm_valid = torch.log_softmax(logits[0, 0, :2], 0)
@@ -378,7 +418,7 @@ BAD_INPUTS = [
     ({}, dict(allowed=torch.ones((3, 8), dtype=torch.bool)), ValueError,
      "allowed must be [num_nodes] = [8] or [B, num_nodes] = [2, 8]; got shape [3, 8]"),
     ({}, dict(backend="gpu"), ValueError, "backend must be one of"),
-    ({}, dict(backend="triton"), (NotImplementedError, ValueError, RuntimeError), "triton"),
+    ({}, dict(backend="cuda"), (ValueError, RuntimeError), "cuda"),  # CPU tensors / no GPU
 ]
 
 
@@ -398,9 +438,49 @@ def test_step_rejects_nan_logits(backend, bad):
     args["logits"][1, 2, 1] = bad
     with pytest.raises(ValueError, match=r"logits must not be NaN or \+inf; got .* at request 1, "
                                          r"beam 2, index 1"):
-        sf.constrained_beam_step(*args.values(), beam_width=2, backend=backend)
+        _step(backend, *args.values(), beam_width=2)
     args["beam_scores"][1, 2] = NEG  # a padding beam's row is not read
-    sf.constrained_beam_step(*args.values(), beam_width=2, backend=backend)
+    _step(backend, *args.values(), beam_width=2)
+
+
+BAD_VALUES = [  # (beam_scores, states) changes, error, message; checked by every backend
+    ((1, 1, NAN, None), ValueError, "beam_scores must be finite or -inf (padding); got nan at "
+                                    "request 1, beam 1"),
+    ((0, 2, INF, None), ValueError, "got inf at request 0, beam 2"),
+    ((1, 0, None, 9), IndexError, "states must lie in [0, 8) for non-padding beams; got 9 at "
+                                  "request 1, beam 0"),
+    ((0, 1, None, -1), IndexError, "got -1 at request 0, beam 1"),
+]
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("change, exc, words", BAD_VALUES)
+def test_step_rejects_bad_values(backend, change, exc, words):
+    args = _good()
+    b, w, score, state = change
+    if score is not None:
+        args["beam_scores"][b, w] = score
+    if state is not None:
+        args["states"][b, w] = state
+    if w + 1 < 3:  # a later failing beam: the first one (in beam order) is reported
+        args["states"][b, w + 1] = 12345
+    if b == 0:  # a later failing request: the smallest one is reported
+        args["beam_scores"][1, 0] = NAN
+    with pytest.raises(exc) as info:
+        _step(backend, *args.values(), beam_width=2)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference", "cpu")))
+def test_device_backends_poison_bad_requests_without_raising_when_padding(backend):
+    # on_empty="pad" never synchronizes, so bad values cannot raise: the request's beams get
+    # NaN scores (-1 elsewhere) and the other requests are unaffected.
+    args = _good()
+    args["logits"][1, 0, 2] = NAN
+    out = _step(backend, *args.values(), beam_width=2, on_empty="pad")
+    assert out.scores[1].isnan().all() and out.parent[1].eq(-1).all()
+    assert out.token[1].eq(-1).all() and out.states[1].eq(-1).all()
+    assert out.parent[0].tolist() == [0, 0] and out.token[0].tolist() == [0, 1]
 
 
 def test_minus_inf_logits_are_impossible_tokens():
@@ -455,3 +535,22 @@ def test_torch_compile_fullgraph():
     want = step(logits, scores, states)
     for x, y in zip(got, want):
         assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------- cross-backend
+
+
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference", "cpu")))
+def test_trie_built_on_cpu_searches_on_another_backend(backend):
+    codes = clustered_codes(120, 3, 6, clusters=15, noise=0.3, seed=12)
+    trie = sf.PrefixTrie(codes, codebook_size=6)  # built on the CPU
+    dev = device_for(backend)
+    moved = trie.to(dev)
+    assert moved.device.type == dev and moved.num_nodes == trie.num_nodes
+    table = torch.randn(trie.num_nodes, 6, generator=torch.Generator().manual_seed(3))
+    mask = np.random.default_rng(4).random((2, 120)) < 0.5
+    allowed = torch.from_numpy(trie.allowed_nodes(mask))
+    got = _search(trie, table, 5, allowed=allowed, backend=backend, batch=2)
+    want = _search(trie, table, 5, allowed=allowed, backend="cpu", batch=2)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)

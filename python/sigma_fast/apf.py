@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import reference
-from ._backends import load_core
+from ._backends import load_core, load_cuda, load_triton
 from ._checks import (
     as_tensor,
     check_dtype,
@@ -76,20 +76,53 @@ def _apf_cpu(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, a
     return tuple(t.to(device) for t in (ids, logp, src, b_ids, b_sims))
 
 
-def _apf_unimplemented(name):
-    def run(*args):
-        raise NotImplementedError(
-            f"apf_fuse has no {name} kernel yet; use backend='cpu' or 'reference' (move the "
-            f"inputs and the index to the CPU with .cpu() / index.to('cpu'))")
-    return run
+_EMB_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/apf_cuda.h
 
 
-_NOT_YET = ("cuda", "triton")  # default dispatch runs CUDA inputs on the cpu kernel meanwhile
+def _apf_cuda(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, adaptive,
+              sigma_min, normalize, dedup, return_buckets):
+    mod = load_cuda()
+    if emb.dtype not in _EMB_TYPES:
+        raise TypeError(f"apf_fuse (cuda): index embeddings must be float32, float16 or bfloat16; "
+                        f"got {dtype_name(emb.dtype)}")
+    device = phi.device
+    b, k = phi.shape
+    n_items, d = emb.shape
+    m = top_m if return_buckets else 0
+    phi, q, emb, offsets, item_ids = (t.detach().contiguous() for t in (phi, q, emb, offsets,
+                                                                       item_ids))
+    pids = pids.to(torch.int64).contiguous()
+    ids = torch.empty((b, top_n), dtype=torch.int64, device=device)
+    logp = torch.empty((b, top_n), dtype=torch.float32, device=device)
+    src = torch.empty((b, top_n), dtype=torch.int64, device=device)
+    b_ids = torch.empty((b, k, m), dtype=torch.int64, device=device)
+    b_sims = torch.empty((b, k, m), dtype=torch.float32, device=device)
+    mask_ptr, mask_ld, mask_len = 0, 0, 0
+    if allowed is not None:
+        allowed = allowed.contiguous().view(torch.uint8)
+        mask_ptr, mask_len = allowed.data_ptr(), allowed.shape[1]
+        mask_ld = 0 if allowed.shape[0] == 1 else mask_len
+    ws = torch.empty((mod.apf_workspace_bytes(b, k, d, top_m),), dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):
+        mod.apf_fuse(
+            phi.data_ptr(), pids.data_ptr(), q.data_ptr(), b, k, emb.data_ptr(),
+            _EMB_TYPES[emb.dtype], n_items, d, offsets.data_ptr(), offsets.shape[0] - 1,
+            item_ids.data_ptr(), mask_ptr, mask_ld, mask_len, top_m, top_n, tau, adaptive,
+            sigma_min, normalize == "bucket", dedup, ids.data_ptr(), logp.data_ptr(),
+            src.data_ptr(), b_ids.data_ptr() if m else 0, b_sims.data_ptr() if m else 0,
+            ws.data_ptr(), ws.numel(), torch.cuda.current_stream(device).cuda_stream)
+    return ids, logp, src, b_ids, b_sims
+
+
+def _apf_triton(*args):
+    return load_triton().apf.apf_fuse(*args)
+
+
 _APF = {
     "reference": _apf_reference,
     "cpu": _apf_cpu,
-    "cuda": _apf_unimplemented("cuda"),
-    "triton": _apf_unimplemented("triton"),
+    "cuda": _apf_cuda,
+    "triton": _apf_triton,
 }
 
 # --------------------------------------------------------------------------- custom ops
@@ -130,8 +163,13 @@ def _apf_fuse_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_values(prefix_scores, prefix_ids, queries, offsets.shape[0] - 1)
     name = resolve_backend(backend, queries.device, op="apf_fuse")
-    if not backend and name in _NOT_YET:  # until the CUDA/Triton kernels land
-        name = "cpu" if load_core() is not None else "reference"
+    if not backend:
+        # CUDA inputs: cuda, else triton (while top_m fits its kernel), else the cpu kernel on
+        # host copies (faster than the reference).
+        if name == "triton" and top_m > load_triton().apf.MAX_TOP_M:
+            name = "reference"
+        if name == "reference" and load_core() is not None:
+            name = "cpu"
     return _APF[name](prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids,
                       allowed, top_m, top_n, tau, adaptive, sigma_min, normalize, dedup,
                       return_buckets)
@@ -199,8 +237,9 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
         dedup: an item reachable from two beams (two beams on the same bucket) is returned
             once, with its best log P; with False it may appear once per beam.
         return_buckets: also return every beam's top-M list.
-        backend: force "reference" or "cpu"; default picks the fastest available (CUDA
-            inputs run on the cpu kernel, via host copies, until the CUDA kernel lands).
+        backend: force "reference", "cpu", "cuda" or "triton" (top_m <= 256); default picks
+            the fastest available: cpu for CPU inputs; for CUDA inputs cuda, else triton, else
+            the cpu kernel on host copies.
 
     Returns:
         ``(item_ids int64 [B, N], log_probs float32 [B, N], source_ranks int64 [B, N])``,
@@ -225,13 +264,18 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
             if dedup: keep the first occurrence of each item
             the first N are the outputs
 
-    The cpu backend computes s_i in float32 (the reference in float64 from the same float32
-    vectors) and the rest in float64, so the two differ only in near-ties and in float32
-    rounding of log P (``sigma_fast.testing.assert_apf_close`` states the tolerance).
+    The cpu, cuda and triton backends compute s_i in float32 (the reference in float64 from
+    the same float32 vectors; never TF32) and the rest in float64, so they differ from the
+    reference only in near-ties and in float32 rounding of log P
+    (``sigma_fast.testing.assert_apf_close`` states the tolerance).
     """
     if not isinstance(index, ItemIndex):
         raise TypeError(f"index must be a sigma_fast.ItemIndex; got {type(index).__name__}")
     phi, was_numpy = as_tensor(prefix_scores, "prefix_scores")
+    if phi.device != index.device:
+        raise ValueError(f"the index must be on the inputs' device: prefix_scores are on "
+                         f"{phi.device}, the index on {index.device} (use "
+                         f"index.to('{phi.device}'))")
     pids, _ = as_tensor(prefix_ids, "prefix_ids")
     q, _ = as_tensor(queries, "queries")
     check_dtype(phi, "prefix_scores", (torch.float32,))

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from ._backends import load_core
+from ._backends import load_core, load_cuda, load_triton
 from ._checks import (
     as_tensor,
     check_dtype,
@@ -81,28 +81,106 @@ def _step_cpu(logits, beam_scores, states, co, ct, cn, allowed, beam_width, norm
     return tuple(torch.from_numpy(o) for o in out)
 
 
+# Per-request status codes of the device kernels (cuda/beam_step_cuda.h, triton/beam.py).
+_OK, _EMPTY, _BAD_SCORE, _BAD_STATE, _BAD_LOGIT, _BAD_TRIE = range(6)
+
+
+def _raise_for_status(status, logits, beam_scores, states, num_nodes, on_empty):
+    """Raise the error of the first failing request, if any, from the kernels' status [B, 2]
+    (code, beam). Costs one device-to-host copy (a sync): called only for on_empty="error".
+    Messages match the cpu backend's."""
+    codes = status.cpu()
+    failing = (codes[:, 0] != _OK).nonzero()
+    if not failing.numel():
+        return
+    b = int(failing[0, 0])
+    code, w = int(codes[b, 0]), int(codes[b, 1])
+    where = f"request {b}, beam {w}"
+    if code == _EMPTY:
+        if on_empty == "error":
+            raise ValueError(
+                f"request {b} has no valid continuation: no live beam has a child in the trie "
+                f"that is allowed and has a finite score (pass on_empty='pad' to get padding "
+                f"beams instead)")
+        return
+    if code == _BAD_SCORE:
+        raise ValueError(f"beam_scores must be finite or -inf (padding); got "
+                         f"{beam_scores[b, w].item()} at {where}")
+    if code == _BAD_STATE:
+        raise IndexError(f"states must lie in [0, {num_nodes}) for non-padding beams; got "
+                         f"{states[b, w].item()} at {where}")
+    if code == _BAD_LOGIT:
+        row = logits[b, w].cpu()
+        i = int((~(row < float("inf"))).nonzero()[0, 0])
+        raise ValueError(f"logits must not be NaN or +inf; got {row[i].item()} at {where}, "
+                         f"index {i}")
+    raise IndexError(f"corrupt trie: a child offset, token or node of the state at {where} is "
+                     f"out of range")
+
+
+def _check_trie_device(logits, co):
+    if co.device != logits.device:
+        raise ValueError(f"the trie's arrays must be on the same device as logits "
+                         f"({logits.device}); got {co.device} (use trie.to(device))")
+
+
+def _step_cuda(logits, beam_scores, states, co, ct, cn, allowed, beam_width, normalize,
+               on_empty):
+    mod = load_cuda()
+    _check_trie_device(logits, co)
+    logits = _rows_contiguous(logits)
+    beam_scores, states = beam_scores.contiguous(), states.contiguous()
+    b, w_in, k = logits.shape
+    dev = logits.device
+    scores = torch.empty((b, beam_width), dtype=torch.float32, device=dev)
+    parent, token, nxt = (torch.empty((b, beam_width), dtype=torch.int64, device=dev)
+                          for _ in range(3))
+    status = torch.empty((b, 2), dtype=torch.int32, device=dev)
+    if b == 0:
+        return scores, parent, token, nxt
+    ld_allowed = 0
+    if allowed is not None:
+        allowed = _rows_contiguous(allowed)
+        ld_allowed = allowed.stride(0) if allowed.shape[0] > 1 else 0
+    ws = torch.empty((mod.constrained_beam_step_workspace_bytes(b, w_in, k, beam_width),),
+                     dtype=torch.uint8, device=dev)
+    with torch.cuda.device(dev):
+        mod.constrained_beam_step(
+            logits.data_ptr(), b, w_in, k, logits.stride(0), logits.stride(1),
+            beam_scores.data_ptr(), states.data_ptr(), co.data_ptr(), ct.data_ptr(),
+            cn.data_ptr(), co.shape[0] - 1, ct.shape[0],
+            0 if allowed is None else allowed.data_ptr(), ld_allowed, beam_width,
+            NORMALIZE.index(normalize), scores.data_ptr(), parent.data_ptr(), token.data_ptr(),
+            nxt.data_ptr(), status.data_ptr(), ws.data_ptr(), ws.numel(), _cuda_stream(dev))
+    if on_empty == "error":
+        _raise_for_status(status, logits, beam_scores, states, co.shape[0] - 1, on_empty)
+    return scores, parent, token, nxt
+
+
+def _step_triton(logits, beam_scores, states, co, ct, cn, allowed, beam_width, normalize,
+                 on_empty):
+    _check_trie_device(logits, co)
+    out, status = load_triton().beam.constrained_beam_step(
+        logits, beam_scores, states, co, ct, cn, allowed, beam_width,
+        NORMALIZE.index(normalize))
+    if on_empty == "error":
+        _raise_for_status(status, logits, beam_scores, states, co.shape[0] - 1, on_empty)
+    return out
+
+
+def _cuda_stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 _STEPPERS = {
     "reference": _step_reference,
     "cpu": _step_cpu,
+    "cuda": _step_cuda,
+    "triton": _step_triton,
 }
 
-# Backends that check beam scores and states themselves (the C++ re-checks them anyway, so
-# checking twice would only add latency to a per-token op).
-_SELF_CHECKING = ("reference", "cpu")
-
-
-def _check_values(beam_scores, states, num_nodes):
-    live = beam_scores != float("-inf")
-    bad = live & ~torch.isfinite(beam_scores)
-    if bool(bad.any()):
-        b, w = bad.nonzero()[0].tolist()
-        raise ValueError(f"beam_scores must be finite or -inf (padding); got "
-                         f"{beam_scores[b, w].item()} at request {b}, beam {w}")
-    bad = live & ((states < 0) | (states >= num_nodes))
-    if bool(bad.any()):
-        b, w = bad.nonzero()[0].tolist()
-        raise IndexError(f"states must lie in [0, {num_nodes}) for non-padding beams; got "
-                         f"{states[b, w].item()} at request {b}, beam {w}")
+# Every backend checks beam scores, states and NaN logits itself: the C++ in its loop, the
+# device kernels through their status array (a check here would cost a sync per step).
 
 
 # --------------------------------------------------------------------------- custom op
@@ -113,14 +191,6 @@ def _beam_step_impl(logits, beam_scores, states, child_offsets, child_tokens, ch
     if allowed is not None and allowed.dim() == 1:
         allowed = allowed.unsqueeze(0)
     name = resolve_backend(backend, logits.device, op="constrained_beam_step")
-    if name not in _STEPPERS:
-        if backend:
-            raise NotImplementedError(
-                f"constrained_beam_step has no {name!r} backend yet; use backend='reference' "
-                f"(any device) or 'cpu' (CPU tensors)")
-        name = "reference"  # no kernel for this device yet: exact but slow
-    if name not in _SELF_CHECKING:
-        _check_values(beam_scores, states, child_offsets.shape[0] - 1)
     return _STEPPERS[name](logits, beam_scores, states, child_offsets, child_tokens,
                            child_nodes, allowed, beam_width, normalize, on_empty)
 
@@ -182,8 +252,8 @@ def constrained_beam_step(logits, beam_scores, states, trie: PrefixTrie, *, beam
             children only) or "none" (logits already are log-probabilities).
         on_empty: a request with no candidate at all raises ValueError naming it ("error",
             default) or gets W padding beams ("pad").
-        backend: "reference" or "cpu"; default picks the fastest for the device (devices with
-            no kernel yet run the reference).
+        backend: "reference", "cpu", "cuda" or "triton"; default picks the fastest for the
+            device (cpu for CPU tensors; cuda, else triton, else reference for CUDA tensors).
 
     Returns ``BeamStep(scores float32, parent int64, token int64, states int64)``, each [B, W],
     of the input's kind and device, sorted best first::
@@ -202,6 +272,14 @@ def constrained_beam_step(logits, beam_scores, states, trie: PrefixTrie, *, beam
     not depend on the backend's thread count. Scores are float32 sums; with normalize="full" or
     "valid" backends may differ from the reference by a few ulp of the log-sum-exp (see
     ``sigma_fast.testing.assert_beam_step_close``).
+
+    On the cuda and triton backends the step is one launch with no host synchronisation
+    (capturable in a CUDA graph with ``on_empty="pad"``): the kernel writes a per-request
+    status, and with ``on_empty="error"`` the status is copied to the host after the launch
+    (one sync) to raise the errors above. With ``on_empty="pad"`` nothing is read back, so bad
+    values cannot raise there: such a request gets W beams with score NaN and parent / token /
+    state -1 (a NaN beam score is itself a bad value at the next step), and the other requests
+    are unaffected.
     """
     if not isinstance(trie, PrefixTrie):
         raise TypeError(f"trie must be a sigma_fast.PrefixTrie; got {type(trie).__name__}")

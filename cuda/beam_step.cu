@@ -1,0 +1,463 @@
+// One step of trie-constrained beam search on CUDA (torch-free). Semantics:
+// python/sigma_fast/reference/beam.py; precision choices follow the CPU twin
+// (csrc/beam_step_cpu.cpp): float32 max + sum of exp(x - max), lse = max + log(sum), then
+// score = beam_score + (logit - lse) in float32 (beam_score + logit for normalize "none", which
+// therefore agrees bitwise with every other backend).
+//
+// One block per request, one kernel per step:
+//   1. one warp per input beam: check the beam score, the state, the logits row (NaN / +inf)
+//      and the node's CSR range; compute the beam's log-sum-exp (full row, valid children, or
+//      none). The first failing beam (in beam order) is recorded with an atomicMin on
+//      (beam << 8 | code), so the reported error does not depend on scheduling.
+//   2. exclusive prefix of the live beams' child counts: candidate c of the request is slot
+//      lo[w] + (c - start[w]) of beam w, so candidate order is (parent, token) order (tokens
+//      ascend within a node).
+//   3. score every candidate once into the workspace (-inf when the child is not allowed), and
+//      histogram the top byte of its order key.
+//   4. exact radix select of the W-th best score (4 passes of 8 bits over the key "score
+//      descending"), then one ordered pass keeps every candidate above it and the first
+//      (in candidate order) of those equal to it: exactly the tie rule.
+//   5. the kept candidates (<= W) are placed by rank (number of kept candidates that rank
+//      before each), advanced to their child node, and the rest padded (-inf, -1, -1, -1).
+// Reductions have fixed shapes and orders; the only atomics are integer (histogram, min), so
+// results are deterministic run to run.
+#include "beam_step_cuda.h"
+
+#include <cuda_runtime.h>
+#include <math_constants.h>
+
+#include <climits>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace sigma_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kAlign = 256;
+constexpr unsigned long long kNoError = ~0ull;
+
+// Byte offsets of the workspace arrays (from the 256-byte aligned base); each holds `batch`
+// per-request slices.
+struct Layout {
+  int64_t lo = 0, cnt = 0, start = 0, bs = 0, lse = 0, cand = 0, sel_score = 0, sel_idx = 0;
+  int64_t bytes = 0;  // total, base alignment included
+};
+
+int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
+
+void check_sizes(int64_t batch, int64_t beams_in, int64_t k, int64_t beam_width) {
+  if (batch < 0 || beams_in < 0)
+    throw std::invalid_argument("constrained_beam_step_cuda: negative batch or beams_in");
+  if (k < 1) throw std::invalid_argument("constrained_beam_step_cuda: k must be >= 1");
+  if (beam_width < 1)
+    throw std::invalid_argument("beam_width must be >= 1; got " + std::to_string(beam_width));
+  if (batch > INT_MAX)
+    throw std::invalid_argument("constrained_beam_step_cuda: at most 2^31 - 1 requests");
+  // Candidate indices and histogram counts are 32-bit per request.
+  if (beams_in > 0 && k > (int64_t{INT_MAX} - 1) / beams_in)
+    throw std::invalid_argument("constrained_beam_step_cuda: beams_in * k must be < 2^31; got " +
+                                std::to_string(beams_in) + " * " + std::to_string(k));
+  if (beam_width > INT_MAX)
+    throw std::invalid_argument("constrained_beam_step_cuda: beam_width must be < 2^31");
+}
+
+Layout plan(int64_t batch, int64_t beams_in, int64_t k, int64_t beam_width) {
+  check_sizes(batch, beams_in, k, beam_width);
+  Layout p;
+  int64_t off = 0;
+  auto take = [&](int64_t& at, int64_t bytes) {
+    at = off;
+    off += align_up(bytes);
+  };
+  take(p.lo, 8 * batch * beams_in);
+  take(p.cnt, 8 * batch * beams_in);
+  take(p.start, 8 * batch * (beams_in + 1));
+  take(p.bs, 4 * batch * beams_in);
+  take(p.lse, 4 * batch * beams_in);
+  take(p.cand, 4 * batch * beams_in * k);
+  take(p.sel_score, 4 * batch * beam_width);
+  take(p.sel_idx, 8 * batch * beam_width);
+  p.bytes = off + kAlign;
+  return p;
+}
+
+// ------------------------------------------------------------------------------ device code
+
+// Order key of a score for "score descending": smaller key = better score. -0 and +0 map to
+// the same key, as they compare equal (the tie rule then decides, as on the other backends).
+__device__ __forceinline__ uint32_t desc_key(float s) {
+  s = s == 0.0f ? 0.0f : s;
+  const uint32_t u = __float_as_uint(s);
+  const uint32_t asc = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~asc;
+}
+
+// Butterfly reductions: every lane ends with the same value (each step adds the same two
+// operands, commutatively), and the order is fixed.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(kFullMask, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = __fadd_rn(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+// Exclusive prefix sum of v over the block in thread order; *total gets the block's sum.
+// Called by every thread of the block (it synchronizes twice).
+__device__ __forceinline__ int64_t block_scan(int64_t v, int64_t* warp_sums, int64_t* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int64_t inc = v;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int64_t n = __shfl_up_sync(kFullMask, inc, off);
+    if (lane >= off) inc += n;
+  }
+  if (lane == 31) warp_sums[warp] = inc;
+  __syncthreads();
+  int64_t before = 0, sum = 0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) {
+    const int64_t s = warp_sums[i];
+    before += i < warp ? s : 0;
+    sum += s;
+  }
+  __syncthreads();
+  *total = sum;
+  return before + inc - v;
+}
+
+// Exclusive prefix count of a flag over the block in thread order (ballots).
+__device__ __forceinline__ int block_scan_flag(bool f, int* warp_counts, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(kFullMask, f);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, sum = 0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) {
+    const int c = warp_counts[i];
+    before += i < warp ? c : 0;
+    sum += c;
+  }
+  __syncthreads();
+  *total = sum;
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// The beam of candidate c (0 <= c < start[beams_in]): the first w with start[w + 1] > c.
+__device__ __forceinline__ int64_t beam_of(const int64_t* start, int64_t beams_in, int64_t c) {
+  int64_t l = 0, h = beams_in - 1;
+  while (l < h) {
+    const int64_t m = l + (h - l) / 2;
+    if (start[m + 1] > c) {
+      h = m;
+    } else {
+      l = m + 1;
+    }
+  }
+  return l;
+}
+
+__device__ __forceinline__ void write_beam(const BeamStepCudaArgs& a, int64_t o, float score,
+                                           int64_t parent, int64_t token, int64_t state) {
+  a.out_scores[o] = score;
+  a.out_parent[o] = parent;
+  a.out_token[o] = token;
+  a.out_state[o] = state;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    beam_step_kernel(const BeamStepCudaArgs a, const Layout p, char* ws) {
+  const int64_t b = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t win = a.beams_in, k = a.k, W = a.beam_width;
+  int64_t* beam_lo = reinterpret_cast<int64_t*>(ws + p.lo) + b * win;
+  int64_t* beam_cnt = reinterpret_cast<int64_t*>(ws + p.cnt) + b * win;
+  int64_t* start = reinterpret_cast<int64_t*>(ws + p.start) + b * (win + 1);
+  float* beam_bs = reinterpret_cast<float*>(ws + p.bs) + b * win;
+  float* beam_lse = reinterpret_cast<float*>(ws + p.lse) + b * win;
+  float* cand = reinterpret_cast<float*>(ws + p.cand) + b * win * k;
+  float* sel_score = reinterpret_cast<float*>(ws + p.sel_score) + b * W;
+  int64_t* sel_idx = reinterpret_cast<int64_t*>(ws + p.sel_idx) + b * W;
+  const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
+  const float* logits = a.logits + b * a.ld_b;
+  const bool normalized = a.normalize != 2;
+
+  __shared__ unsigned hist[256];
+  __shared__ int64_t warp_sums[kWarps];
+  __shared__ int warp_counts[kWarps];
+  __shared__ unsigned long long first_error;  // (beam << 8) | code of the first failing beam
+  __shared__ unsigned sh_bin, sh_count;
+  __shared__ int64_t sh_rank;
+
+  for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
+  if (tid == 0) first_error = kNoError;
+  __syncthreads();
+
+  // 1. One warp per beam: checks and log-sum-exp. Every branch below depends only on values
+  // shared by the warp, so the warp-wide shuffles inside are uniform.
+  for (int64_t w = warp; w < win; w += kWarps) {
+    const float bs = a.beam_scores[b * win + w];
+    int code = kBeamStatusOk;
+    int64_t lo = 0, cnt = 0;
+    float lse = -CUDART_INF_F;
+    if (bs != -CUDART_INF_F) {
+      const int64_t s = a.states[b * win + w];
+      const float* row = logits + w * a.ld_w;
+      if (!(bs < CUDART_INF_F)) {
+        code = kBeamStatusBadScore;
+      } else if (s < 0 || s >= a.num_nodes) {
+        code = kBeamStatusBadState;
+      } else {
+        float m = -CUDART_INF_F;
+        bool bad = false;
+        for (int64_t i = lane; i < k; i += 32) {
+          const float v = row[i];
+          m = v > m ? v : m;
+          bad = bad || !(v < CUDART_INF_F);
+        }
+        m = warp_max(m);
+        lo = a.child_offsets[s];
+        const int64_t hi = a.child_offsets[s + 1];
+        if (__any_sync(kFullMask, bad)) {
+          code = kBeamStatusBadLogit;
+        } else if (lo < 0 || lo > hi || hi > a.slots || hi - lo > k) {
+          code = kBeamStatusBadTrie;
+        } else {
+          bool corrupt = false;
+          for (int64_t e = lo + lane; e < hi; e += 32) {
+            const int64_t tok = a.child_tokens[e], node = a.child_nodes[e];
+            corrupt = corrupt || tok < 0 || tok >= k || node < 0 || node >= a.num_nodes;
+          }
+          if (__any_sync(kFullMask, corrupt)) {
+            code = kBeamStatusBadTrie;
+          } else {
+            if (a.normalize == 0) {  // full row
+              if (m > -CUDART_INF_F) {
+                float sum = 0.0f;
+                for (int64_t i = lane; i < k; i += 32) sum = __fadd_rn(sum, expf(row[i] - m));
+                lse = __fadd_rn(m, logf(warp_sum(sum)));
+              }
+            } else if (a.normalize == 1) {  // the allowed children only
+              float mv = -CUDART_INF_F;
+              for (int64_t e = lo + lane; e < hi; e += 32) {
+                if (allowed && !allowed[a.child_nodes[e]]) continue;
+                const float x = row[a.child_tokens[e]];
+                mv = x > mv ? x : mv;
+              }
+              mv = warp_max(mv);
+              if (mv > -CUDART_INF_F) {
+                float sum = 0.0f;
+                for (int64_t e = lo + lane; e < hi; e += 32) {
+                  if (allowed && !allowed[a.child_nodes[e]]) continue;
+                  sum = __fadd_rn(sum, expf(row[a.child_tokens[e]] - mv));
+                }
+                lse = __fadd_rn(mv, logf(warp_sum(sum)));
+              }
+            } else {
+              lse = 0.0f;
+            }
+            // lse == -inf: every relevant logit is -inf, so no finite candidate.
+            if (lse > -CUDART_INF_F) cnt = hi - lo;
+          }
+        }
+      }
+    }
+    if (lane == 0) {
+      beam_lo[w] = lo;
+      beam_cnt[w] = cnt;
+      beam_bs[w] = bs;
+      beam_lse[w] = lse;
+      if (code != kBeamStatusOk)
+        atomicMin(&first_error, (static_cast<unsigned long long>(w) << 8) | code);
+    }
+  }
+  __syncthreads();
+
+  if (first_error != kNoError) {  // an input error: poison the request (uniform branch)
+    const unsigned long long e = first_error;
+    for (int64_t j = tid; j < W; j += kThreads) write_beam(a, b * W + j, CUDART_NAN_F, -1, -1, -1);
+    if (tid == 0) {
+      a.status[2 * b] = static_cast<int32_t>(e & 0xff);
+      a.status[2 * b + 1] = static_cast<int32_t>(e >> 8);
+    }
+    return;
+  }
+
+  // 2. start[w] = candidates of the beams before w.
+  int64_t total = 0;
+  for (int64_t base = 0; base < win; base += kThreads) {
+    const int64_t w = base + tid;
+    int64_t sum;
+    const int64_t before = block_scan(w < win ? beam_cnt[w] : 0, warp_sums, &sum);
+    if (w < win) start[w] = total + before;
+    total += sum;
+  }
+  if (tid == 0) start[win] = total;
+  __syncthreads();
+
+  // 3. Score every candidate once; histogram the top byte of the valid ones' keys.
+  for (int64_t c = tid; c < total; c += kThreads) {
+    const int64_t w = beam_of(start, win, c);
+    const int64_t e = beam_lo[w] + (c - start[w]);
+    float s = -CUDART_INF_F;
+    if (!allowed || allowed[a.child_nodes[e]]) {
+      const float x = logits[w * a.ld_w + a.child_tokens[e]];
+      s = normalized ? __fadd_rn(beam_bs[w], __fsub_rn(x, beam_lse[w]))
+                     : __fadd_rn(beam_bs[w], x);
+    }
+    cand[c] = s;
+    if (s > -CUDART_INF_F) atomicAdd(&hist[desc_key(s) >> 24], 1u);
+  }
+  __syncthreads();
+
+  // 4. Radix select: after the passes, key `thr` is the W-th best and `need_eq` of the
+  // candidates with that key are kept (the first ones in candidate order).
+  uint32_t thr = 0xffffffffu, mask = 0;
+  int64_t need_eq = W;
+  bool take_all = false;
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    if (pass > 0) {
+      for (int64_t c = tid; c < total; c += kThreads) {
+        const float s = cand[c];
+        if (!(s > -CUDART_INF_F)) continue;
+        const uint32_t key = desc_key(s);
+        if ((key & mask) == thr) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
+      }
+      __syncthreads();
+    }
+    if (warp == 0) {  // the bin holding the need_eq-th smallest key (8 bins per lane)
+      unsigned local = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) local += hist[lane * 8 + j];
+      unsigned inc = local;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned n = __shfl_up_sync(kFullMask, inc, off);
+        if (lane >= off) inc += n;
+      }
+      const unsigned all = __shfl_sync(kFullMask, inc, 31);
+      if (lane == 0) sh_count = all;
+      unsigned before = inc - local;
+      if (static_cast<int64_t>(before) < need_eq && need_eq <= static_cast<int64_t>(inc)) {
+        for (int j = 0; j < 8; ++j) {
+          const unsigned h = hist[lane * 8 + j];
+          if (need_eq <= static_cast<int64_t>(before + h)) {
+            sh_bin = lane * 8 + j;
+            sh_rank = need_eq - before;
+            break;
+          }
+          before += h;
+        }
+      }
+    }
+    __syncthreads();
+    if (pass == 0 && static_cast<int64_t>(sh_count) <= W) {  // keep every valid candidate
+      take_all = true;
+      break;
+    }
+    thr = (pass == 0 ? 0u : thr) | (sh_bin << shift);
+    mask |= 0xffu << shift;
+    need_eq = sh_rank;
+    for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
+    __syncthreads();
+  }
+  if (take_all) {  // every valid key is < 0xffffffff (that is NaN's key, and NaN never occurs)
+    thr = 0xffffffffu;
+    need_eq = 0;
+  }
+
+  // 5a. Keep the candidates above the threshold and the first need_eq equal to it, in
+  // candidate order (the block scans keep thread order = candidate order).
+  int64_t eq_seen = 0, kept = 0;
+  for (int64_t base = 0; base < total && kept < W; base += kThreads) {
+    const int64_t c = base + tid;
+    float s = -CUDART_INF_F;
+    bool lt = false, eq = false;
+    if (c < total) {
+      s = cand[c];
+      if (s > -CUDART_INF_F) {
+        const uint32_t key = desc_key(s);
+        lt = key < thr;
+        eq = key == thr;
+      }
+    }
+    int n_eq, n_take;
+    const int eq_before = block_scan_flag(eq, warp_counts, &n_eq);
+    const bool take = lt || (eq && eq_seen + eq_before < need_eq);
+    const int pos = block_scan_flag(take, warp_counts, &n_take);
+    if (take) {
+      sel_score[kept + pos] = s;
+      sel_idx[kept + pos] = c;
+    }
+    eq_seen += n_eq;
+    kept += n_take;
+  }
+  __syncthreads();
+
+  // 5b. Place the kept candidates by rank, advance, pad.
+  for (int64_t i = tid; i < kept; i += kThreads) {
+    const float si = sel_score[i];
+    const int64_t ci = sel_idx[i];
+    int64_t rank = 0;
+    for (int64_t j = 0; j < kept; ++j) {
+      const float sj = sel_score[j];
+      rank += (sj > si) || (sj == si && sel_idx[j] < ci);
+    }
+    const int64_t w = beam_of(start, win, ci);
+    const int64_t e = beam_lo[w] + (ci - start[w]);
+    write_beam(a, b * W + rank, si, w, a.child_tokens[e], a.child_nodes[e]);
+  }
+  for (int64_t j = kept + tid; j < W; j += kThreads)
+    write_beam(a, b * W + j, -CUDART_INF_F, -1, -1, -1);
+  if (tid == 0) {
+    a.status[2 * b] = kept == 0 ? kBeamStatusEmpty : kBeamStatusOk;
+    a.status[2 * b + 1] = -1;
+  }
+}
+
+}  // namespace
+
+int64_t constrained_beam_step_cuda_workspace_bytes(int64_t batch, int64_t beams_in, int64_t k,
+                                                   int64_t beam_width) {
+  return plan(batch, beams_in, k, beam_width).bytes;
+}
+
+void constrained_beam_step_cuda(const BeamStepCudaArgs& a, cudaStream_t stream) {
+  const Layout p = plan(a.batch, a.beams_in, a.k, a.beam_width);
+  if (a.num_nodes < 1) throw std::invalid_argument("the trie must have a root (num_nodes >= 1)");
+  if (a.normalize < 0 || a.normalize > 2)
+    throw std::invalid_argument("constrained_beam_step_cuda: normalize must be 0, 1 or 2");
+  if (a.ld_b < 0 || a.ld_w < 0 || a.ld_allowed < 0)
+    throw std::invalid_argument("constrained_beam_step_cuda: negative stride");
+  if (a.batch == 0) return;
+  if (a.workspace_bytes < p.bytes)
+    throw std::invalid_argument("constrained_beam_step_cuda: workspace of " +
+                                std::to_string(a.workspace_bytes) + " bytes; needs " +
+                                std::to_string(p.bytes));
+  if (!a.workspace || !a.out_scores || !a.out_parent || !a.out_token || !a.out_state ||
+      !a.status || !a.child_offsets || (a.beams_in > 0 && (!a.logits || !a.beam_scores ||
+                                                           !a.states)))
+    throw std::invalid_argument("constrained_beam_step_cuda: null pointer");
+  char* base = reinterpret_cast<char*>(
+      (reinterpret_cast<std::uintptr_t>(a.workspace) + kAlign - 1) / kAlign * kAlign);
+  beam_step_kernel<<<static_cast<unsigned>(a.batch), kThreads, 0, stream>>>(a, p, base);
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("sigma_fast CUDA: beam_step_kernel launch failed: ") +
+                             cudaGetErrorString(status));
+}
+
+}  // namespace sigma_fast
