@@ -61,3 +61,20 @@ def load_tensors(path: str | os.PathLike) -> dict:
         return load(path.read_bytes())
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types
         raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
+def read_artifact_config(directory: str | os.PathLike, config_file: str, fmt: str,
+                         version: int, what: str) -> tuple[Path, Path, dict]:
+    """Open a saved artifact's directory and JSON config, checking the format name and that the
+    format version is not newer than this code reads. Returns (directory, config path, config)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"expected {what} directory at {directory}; not found")
+    path = directory / config_file
+    config = read_json(path)
+    if config.get("format") != fmt:
+        raise ValueError(f"{path}: expected format {fmt!r}; got {config.get('format')!r}")
+    if config.get("format_version", 0) > version:
+        raise ValueError(f"{path}: format_version {config.get('format_version')} is newer than "
+                         f"this sigma_fast supports ({version})")
+    return directory, path, config

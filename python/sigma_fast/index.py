@@ -13,7 +13,7 @@ import torch
 from . import reference
 from ._backends import load_core
 from ._checks import as_tensor, check_dtype, check_int, dtype_name
-from ._io import atomic_write_bytes, atomic_write_json, load_tensors, read_json
+from ._io import atomic_write_bytes, atomic_write_json, load_tensors, read_artifact_config
 
 FORMAT = "sigma_fast.ItemIndex"
 FORMAT_VERSION = 1
@@ -302,17 +302,9 @@ class ItemIndex:
     def load(cls, directory: str | os.PathLike, *, device=None) -> "ItemIndex":
         """Read an index written by ``save`` (onto ``device``, default CPU), verifying the
         checksum, tensor names, dtypes and shapes, the layout invariants and unit-norm rows."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"expected an item index directory at {directory}; not found")
-        cfg_path, t_path = directory / CONFIG_FILE, directory / TENSORS_FILE
-        config = read_json(cfg_path)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path}: expected format {FORMAT!r}; got "
-                             f"{config.get('format')!r}")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: format_version {config.get('format_version')} is newer "
-                             f"than this sigma_fast supports ({FORMAT_VERSION})")
+        directory, cfg_path, config = read_artifact_config(
+            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "an item index")
+        t_path = directory / TENSORS_FILE
         if not t_path.is_file():
             raise FileNotFoundError(f"expected a safetensors file at {t_path}; it does not exist")
         digest = hashlib.sha256(t_path.read_bytes()).hexdigest()

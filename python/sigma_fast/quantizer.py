@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ._checks import as_tensor, check_dtype, check_finite, check_int, check_rank
-from ._io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
 from .rq import rq_decode, rq_encode
 
 FORMAT_VERSION = 1
@@ -268,17 +268,9 @@ class ResidualQuantizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ResidualQuantizer":
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"expected a quantizer directory at {directory}; not found")
-        config = read_json(directory / CONFIG_FILE)
-        if config.get("format") != "sigma_fast.ResidualQuantizer":
-            raise ValueError(f"{directory / CONFIG_FILE}: expected format "
-                             f"'sigma_fast.ResidualQuantizer'; got {config.get('format')!r}")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{directory / CONFIG_FILE}: format_version "
-                             f"{config.get('format_version')} is newer than this sigma_fast "
-                             f"supports ({FORMAT_VERSION})")
+        directory, _, config = read_artifact_config(
+            directory, CONFIG_FILE, "sigma_fast.ResidualQuantizer", FORMAT_VERSION,
+            "a quantizer")
         tensors = load_tensors(directory / CODEBOOKS_FILE)
         if "codebooks" not in tensors:
             raise ValueError(f"{directory / CODEBOOKS_FILE}: expected a tensor named "

@@ -25,7 +25,7 @@ from ._checks import (
     dtype_name,
     to_output,
 )
-from ._io import atomic_save_tensors, atomic_write_json, read_json
+from ._io import atomic_save_tensors, atomic_write_json, read_artifact_config
 
 FORMAT = "sigma_fast.PrefixTrie"
 FORMAT_VERSION = 1
@@ -401,17 +401,9 @@ class PrefixTrie:
         raises ValueError naming the file and the problem."""
         from safetensors.torch import load as load_bytes
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"expected a trie directory at {directory}; not found")
-        cfg_path, ten_path = directory / CONFIG_FILE, directory / TENSORS_FILE
-        config = read_json(cfg_path)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path}: expected format {FORMAT!r}; got "
-                             f"{config.get('format')!r}")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{cfg_path}: format_version {config.get('format_version')} is newer "
-                             f"than this sigma_fast supports ({FORMAT_VERSION})")
+        directory, cfg_path, config = read_artifact_config(
+            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "a trie")
+        ten_path = directory / TENSORS_FILE
         meta = {}
         for key in ("num_items", "num_levels", "num_nodes", "codebook_size", "item_id_bound"):
             value = config.get(key)
