@@ -89,7 +89,7 @@ def torch_gather_bmm(phi, pids, q, index):
         start = offsets[pids[b]]
         size = offsets[pids[b] + 1] - start
         width = int(size.max())
-        col = torch.arange(width)
+        col = torch.arange(width, device=emb.device)
         valid = col[None, :] < size[:, None]
         rows = torch.where(valid, start[:, None] + col, 0)  # [K, L]
         block = emb[rows.reshape(-1)].view(K, width, D)  # gather bucket rows
@@ -151,3 +151,40 @@ def test_apf_fuse(benchmark, catalog, machine, record, provider, batch):
         figures["agree"] = _agreement(_sigma_fast(phi, pids, q, index), result)
         assert figures["agree"] >= 0.9, f"{provider} disagrees with sigma_fast: {figures['agree']}"
     record(f"apf_fuse B={batch} (K={K}, M={M}, N={TOP_N}, {N_ITEMS} items)", provider, **figures)
+
+
+# ------------------------------------------------------------------------------ GPU providers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("provider", ["cuda", "triton", "torch"])
+def test_apf_fuse_gpu(benchmark, catalog, record, provider, batch):
+    """apf_fuse on the GPU; roofline unit: bytes the scan must read per second (compare with the
+    card's HBM bandwidth)."""
+    if provider != "torch" and not sf.backends()[provider]:
+        pytest.skip(f"{provider}: {sf.backends()[provider].reason}")
+    dev = torch.device("cuda")
+    index = catalog[0].to(dev)
+    phi, pids, q = (t.to(dev) for t in _requests(catalog, batch))
+    if provider == "torch":
+        fn = lambda: torch_gather_bmm(phi, pids, q, index)  # noqa: E731
+        name = "torch[cuda] (gather+bmm)"
+    else:
+        fn = lambda: sf.apf_fuse(phi, pids, q, index, top_m=M, top_n=TOP_N, tau=TAU,  # noqa: E731
+                                 sigma_min=SIGMA_MIN, backend=provider)
+        name = f"sigma_fast[{provider}]"
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2)
+    off = catalog[0].offsets
+    pc = pids.cpu()
+    logical = float((off[pc + 1] - off[pc]).sum()) * D * 4
+    t = benchmark.stats.stats.min
+    props = torch.cuda.get_device_properties(0)
+    record(f"apf_fuse gpu B={batch} ({props.name})", name, requests_per_s=batch / t, ms=1e3 * t,
+           gb_per_s=logical / t / 1e9)

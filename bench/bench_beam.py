@@ -275,3 +275,50 @@ def test_step(benchmark, catalog, machine, record, provider, shape, where, maske
         rounds = 3
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
     _record_step(record, benchmark, machine, batch, width, where, masked, provider, live_rows)
+
+
+# ------------------------------------------------------------------------------ GPU providers
+
+GPU_REPEAT = 50  # steps per timed round; one synchronize per round
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "mask"])
+@pytest.mark.parametrize("where", ["root", "wide", "deep"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}xW{w}" for b, w in SHAPES])
+@pytest.mark.parametrize("provider", ["cuda", "triton", "torch"])
+def test_step_gpu(benchmark, catalog, machine, record, provider, shape, where, masked):
+    """The step on the GPU (target from the issue: <= 20 us at (64, 50)); time per step is the
+    time of GPU_REPEAT back-to-back steps divided by GPU_REPEAT (one synchronize per round)."""
+    if provider != "torch" and not sf.backends()[provider]:
+        pytest.skip(f"{provider}: {sf.backends()[provider].reason}")
+    batch, width = shape
+    dev = torch.device("cuda")
+    trie = catalog["trie"].to(dev)
+    allowed_np = catalog["allowed"] if masked else None
+    allowed = None if allowed_np is None else torch.from_numpy(allowed_np).to(dev)
+    logits, scores, states = (t.to(dev) for t in _step_inputs(catalog["trie"], allowed_np,
+                                                                batch, width, where))
+    live_rows = int((scores > NEG).sum())
+    if provider == "torch":
+        fanout = _level_fanout(catalog["trie"], {"root": 0, "wide": 1, "deep": 2}[where])
+        args = (trie.child_offsets, trie.child_tokens, trie.child_nodes, allowed, width, fanout)
+        step = lambda: _torch_csr_step(logits, scores, states, *args)  # noqa: E731
+        name = "torch[cuda] CSR (STATIC)"
+    else:
+        step = lambda: sf.constrained_beam_step(  # noqa: E731
+            logits, scores, states, trie, beam_width=width, allowed=allowed, on_empty="pad",
+            backend=provider)
+        name = f"sigma_fast[{provider}]"
+
+    def run():
+        for _ in range(GPU_REPEAT):
+            step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    t = benchmark.stats.stats.min / GPU_REPEAT
+    props = torch.cuda.get_device_properties(0)
+    record(f"step gpu B={batch} W={width} {where}{' +mask' if masked else ''} ({props.name})",
+           name, steps_per_s=1 / t, us_per_step=t * 1e6,
+           gb_per_s=live_rows * K * 4 / t / 1e9)
