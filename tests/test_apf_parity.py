@@ -478,3 +478,30 @@ def test_triton_default_dispatch_and_top_m_limit():
     with pytest.raises(NotImplementedError, match="top_m"):
         sf.apf_fuse(t(phi), t(pids), t(q), index.to(dev), backend="triton", top_m=MAX_TOP_M + 1,
                     top_n=5, tau=0.1)
+
+
+def test_half_precision_index_is_cuda_only():
+    index, *_ = make_case(13)
+    with pytest.raises(ValueError, match="for CUDA devices; got cpu"):
+        index.to("cpu", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
+        index.to("cpu", dtype=torch.float64)
+    assert index.to("cpu", dtype=torch.float32) is index
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not sf.backends()["cuda"], reason="needs the cuda backend (a CUDA device)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_index_on_cuda(dtype):
+    """bf16/fp16 embeddings: the cuda scan accumulates in float32; results agree with the
+    float32 index up to the storage rounding (compared through the top-N log-probabilities)."""
+    index, phi, pids, q, _ = make_case(13)
+    half = index.to("cuda", dtype=dtype)
+    assert half.embeddings.dtype == dtype
+    t = lambda a: torch.from_numpy(np.asarray(a)).cuda()  # noqa: E731
+    got = sf.apf_fuse(t(phi), t(pids), t(q), half, backend="cuda", **KW)
+    want = sf.apf_fuse(phi, pids, q, index, backend="cpu", **KW)
+    finite = np.isfinite(want[1])
+    np.testing.assert_allclose(got[1].cpu().numpy()[finite], want[1][finite], atol=0.5)
+    with pytest.raises(TypeError, match="must be float32"):
+        sf.apf_fuse(t(phi), t(pids), t(q), half, backend="triton", **KW)

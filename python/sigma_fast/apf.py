@@ -170,6 +170,9 @@ def _apf_fuse_op(
             name = "reference"
         if name == "reference" and load_core() is not None:
             name = "cpu"
+    if name != "cuda" and embeddings.dtype != torch.float32:
+        raise TypeError(f"apf_fuse ({name}): index embeddings must be float32 (float16/bfloat16 "
+                        f"indexes run on the cuda backend); got {dtype_name(embeddings.dtype)}")
     return _APF[name](prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids,
                       allowed, top_m, top_n, tau, adaptive, sigma_min, normalize, dedup,
                       return_buckets)

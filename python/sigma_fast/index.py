@@ -210,13 +210,20 @@ class ItemIndex:
         return (f"ItemIndex(num_items={self.num_items}, dim={self.dim}, num_buckets="
                 f"{self.num_buckets}, prefix_levels={self.prefix_levels}, device={self.device})")
 
-    def to(self, device) -> "ItemIndex":
-        """A copy with every tensor on ``device`` (self when already there)."""
+    def to(self, device, dtype: torch.dtype | None = None) -> "ItemIndex":
+        """A copy with every tensor on ``device`` (self when nothing changes). ``dtype`` may store
+        the embeddings as float16 or bfloat16 on a CUDA device (the cuda backend of ``apf_fuse``
+        reads them and accumulates in float32; the other backends need float32)."""
         device = torch.device(device)
-        if device == self.device:
+        dtype = self.embeddings.dtype if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
+        if dtype != torch.float32 and device.type != "cuda":
+            raise ValueError(f"float16/bfloat16 embeddings are for CUDA devices; got {device}")
+        if device == self.device and dtype == self.embeddings.dtype:
             return self
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        return ItemIndex._from_tensors(move(self.embeddings), move(self.offsets),
+        return ItemIndex._from_tensors(self.embeddings.to(device, dtype), move(self.offsets),
                                        move(self.item_ids), move(self.positions),
                                        move(self.prefixes), id_bound=self.id_bound)
 
