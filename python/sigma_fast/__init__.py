@@ -4,6 +4,10 @@ Ops (each with reference / cpu / cuda / triton backends, see ``backends()``):
     rq_encode, rq_decode, dedup_codes, ResidualQuantizer
     apf_fuse over an ItemIndex (adaptive probabilistic fusion)
     PrefixTrie + constrained_beam_step (trie-constrained beam search over semantic IDs)
+
+Pipeline (imported on first use):
+    grounding: views, BPR teacher, L_CL + λ·L_KD, GroundingModel / train_grounding, recall_at_k
+    tokenization: HybridItemTokenizer (SID prefix tokens + Proj&Fuse unique item embedding)
 """
 
 from ._backends import BackendStatus, backends, build_info
@@ -34,6 +38,12 @@ def get_num_threads() -> int:
 _LAZY = {name: ".search" for name in ("SIDConstrainedLogitsProcessor", "SIDVocab",
                                       "SearchResult", "check_generation_config",
                                       "constrained_beam_search")}
+_LAZY.update({name: ".grounding" for name in (
+    "GroundingModel", "Pairs", "agreement_report", "attribute_pairs", "co_interaction_pairs",
+    "grounding_loss", "info_nce_loss", "kd_loss", "merge_views", "neighbour_pairs",
+    "recall_at_k", "train_bpr", "train_grounding")})
+_LAZY.update({name: ".tokenization" for name in (
+    "HybridItemTokenizer", "ProjFuse", "default_codebook_size")})
 
 
 def __getattr__(name: str):
@@ -53,21 +63,37 @@ def __dir__():
 __all__ = [
     "BackendStatus",
     "BeamStep",
+    "GroundingModel",
+    "HybridItemTokenizer",
     "ItemIndex",
+    "Pairs",
     "PrefixTrie",
+    "ProjFuse",
     "ResidualQuantizer",
     "SIDConstrainedLogitsProcessor",
     "SIDVocab",
     "SearchResult",
+    "agreement_report",
     "apf_fuse",
+    "attribute_pairs",
     "backends",
     "build_info",
     "check_generation_config",
+    "co_interaction_pairs",
     "constrained_beam_search",
     "constrained_beam_step",
     "dedup_codes",
+    "default_codebook_size",
     "get_num_threads",
+    "grounding_loss",
+    "info_nce_loss",
+    "kd_loss",
+    "merge_views",
+    "neighbour_pairs",
+    "recall_at_k",
     "rq_decode",
     "rq_encode",
     "set_num_threads",
+    "train_bpr",
+    "train_grounding",
 ]
