@@ -1,11 +1,12 @@
 """Datasets, item text features and the seven-task instruction samples."""
 
 from .dataset import RecDataset, load_dataset
+from .grounding_data import GroundingResult, ground_dataset, hashed_text_features
 from .recbole import AtomicTable, builtin_dataset_dir, read_atomic_file
 from .tasks import (TASKS, TaskSample, build_task_samples, iter_task_samples, render_prompt,
                     task_statistics)
 
 __all__ = [
-    "TASKS", "AtomicTable", "RecDataset", "TaskSample", "build_task_samples", "builtin_dataset_dir",
-    "iter_task_samples", "load_dataset", "read_atomic_file", "render_prompt", "task_statistics",
+    "TASKS", "AtomicTable", "GroundingResult", "RecDataset", "TaskSample", "build_task_samples",
+    "builtin_dataset_dir", "ground_dataset", "hashed_text_features", "iter_task_samples", "load_dataset", "read_atomic_file", "render_prompt", "task_statistics",
 ]
