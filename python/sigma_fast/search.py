@@ -318,7 +318,7 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
                             *, token_offsets, beam_width: int, num_levels: int | None = None,
                             allowed=None, normalize: str = "full", on_empty: str = "error",
                             backend: str | None = None, return_cache: bool = False,
-                            narrow_head: bool = False) -> SearchResult:
+                            narrow_head: bool = False, inputs_embeds=None) -> SearchResult:
     """Beam search over the semantic IDs in ``trie`` with a Hugging Face causal LM.
 
     Args:
@@ -352,6 +352,9 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
             SmolLM2-135M step); it is restored on exit, even on error. Off by default because it
             changes the model object for the duration of the call: enable it only when no other
             thread uses the same model.
+        inputs_embeds: optional float [B, T, hidden] read by the prefill instead of embedding
+            ``input_ids`` (which still give the shape; e.g. SIGMA's prompts, whose item
+            placeholders carry item embeddings). Later steps feed code tokens by id.
 
     Returns a ``SearchResult``: codes [B, W, l], scores [B, W], states [B, W], item ranges, and
     at full depth ``item_ids`` [B, W]. Requests with fewer than W valid SIDs get padding beams
@@ -377,6 +380,15 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
                          f"{levels}")
     input_ids, mask = _check_prompt(input_ids, attention_mask)
     batch, _ = input_ids.shape
+    if inputs_embeds is not None:
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                or list(inputs_embeds.shape[:2]) != list(input_ids.shape):
+            raise ValueError(f"inputs_embeds must be a tensor [B, T, hidden] with input_ids' "
+                             f"shape {list(input_ids.shape)} in front; got "
+                             f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
+        if inputs_embeds.device != input_ids.device:
+            raise ValueError(f"inputs_embeds must be on input_ids' device ({input_ids.device}); "
+                             f"got {inputs_embeds.device}")
     vocab_size = _vocab_size(model)
     if vocab_size is not None and vocab.vocab_end > vocab_size:
         raise ValueError(f"token_offsets place codes up to token id {vocab.vocab_end - 1}, beyond "
@@ -395,7 +407,11 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
     # transformers >= 5.x names the cache argument ``cache``; earlier versions past_key_values.
     cache_kw = "cache" if "cache" in accepts else "past_key_values"
     lengths = mask.sum(1)  # true prompt lengths
-    prefill = dict(input_ids=input_ids, attention_mask=mask, use_cache=True)
+    prefill = dict(attention_mask=mask, use_cache=True)
+    if inputs_embeds is None:
+        prefill["input_ids"] = input_ids
+    else:
+        prefill["inputs_embeds"] = inputs_embeds
     if pos_kw:
         prefill["position_ids"] = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
     if "logits_to_keep" in accepts:
