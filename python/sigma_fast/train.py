@@ -198,7 +198,7 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
                 out = net(batch, generator=g)
                 (out["loss"] / config.grad_accum).backward()
                 for key in ("loss", "ntp", "nce"):
-                    run[key] += float(out[key]) / config.grad_accum
+                    run[key] += float(out[key].detach()) / config.grad_accum
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
