@@ -89,6 +89,140 @@ def _cmd_rq_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ pipeline commands
+def _overrides(pairs: list[str]) -> dict:
+    """``--set section.key=value`` pairs (TOML values; bare words are strings)."""
+    import tomllib
+
+    out: dict = {}
+    for pair in pairs or []:
+        key, eq, raw = pair.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not section or not name:
+            raise ValueError(f"--set expects section.key=value (e.g. train.steps=300); got "
+                             f"{pair!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _cfg(args, *, need_run: bool = False) -> dict:
+    from .pipeline import run_config
+
+    run = Path(args.run)
+    if need_run and not (run / "config.toml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.toml): run "
+                                f"`sigma-fast prepare --run {run}` (or `demo`) first")
+    return run_config(run, args.config, _overrides(args.set))
+
+
+def _progress(args):
+    return False if args.quiet else None
+
+
+def _cmd_demo(args) -> int:
+    """The main job: prepare the data, ground item texts, tokenize, train a small SIGMA model,
+    evaluate every task against baselines, and print recommendations with titles."""
+    from . import pipeline
+
+    pipeline.demo(args.run, _cfg(args), progress=_progress(args))
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    """Load the dataset (cached) and build the seven instruction tasks; saves statistics."""
+    from . import pipeline
+
+    pipeline.prepare(args.run, _cfg(args))
+    return 0
+
+
+def _cmd_ground(args) -> int:
+    """Multi-view semantic grounding of the item texts (BPR teacher, L_CL + λ·L_KD)."""
+    from . import pipeline
+
+    pipeline.ground(args.run, _cfg(args, need_run=True), progress=_progress(args))
+    return 0
+
+
+def _cmd_tokenize(args) -> int:
+    """Hybrid item tokenization: RQ semantic IDs of the grounded embeddings."""
+    from . import pipeline
+
+    cfg = _cfg(args, need_run=True)
+    pipeline.tokenize(args.run, cfg, args.variants or None)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    """Multi-task instruction SFT of the configured variants (resumes from checkpoints)."""
+    from . import pipeline
+
+    cfg = _cfg(args, need_run=True)
+    pipeline.train(args.run, cfg, args.variants or None, progress=_progress(args))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    """HR@{1,5,10,20} and NDCG@{5,10,20} per task with bootstrap CIs; writes run/eval."""
+    from . import pipeline
+
+    cfg = _cfg(args, need_run=True)
+    pipeline.evaluate(args.run, cfg, args.variants, args.baselines, progress=_progress(args))
+    return 0
+
+
+def _cmd_recommend(args) -> int:
+    """Ranked titles for a dataset user or a history of titles, under a task or instruction."""
+    from . import pipeline
+
+    cfg = _cfg(args, need_run=True)
+    if (args.user is None) == (not args.history):
+        raise ValueError("give exactly one of --user ID or --history TITLE [TITLE ...]")
+    recs = pipeline.recommend_for(args.run, cfg, user=args.user, history_titles=args.history,
+                                  task=args.task, instruction=args.instruction,
+                                  variant=args.variant, top_n=args.top_n)
+    for rank, (title, score) in enumerate(recs, 1):
+        print(f"{rank:3d}. {score:8.3f}  {title}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    """Run the benchmark suites (pytest-benchmark) from a source checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    bench = root / "bench"
+    if not bench.is_dir():
+        raise FileNotFoundError("the benchmarks live in the source tree's bench/ folder; run "
+                                "this from a source checkout")
+    cmd = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", "-q",
+           *(["-k", args.k] if args.k else [])]
+    return subprocess.call(cmd, cwd=root)
+
+
+def _run_args(p, default_run="runs/demo"):
+    p.add_argument("--run", default=default_run,
+                   help=f"run directory holding every artifact (default: {default_run})")
+    p.add_argument("--config", default=None,
+                   help="TOML file overriding the defaults (sections data, grounding, tokenizer, "
+                        "model, train, eval; see `sigma-fast config`)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.steps=300 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_config(args) -> int:
+    """Print every setting with its default as TOML."""
+    from .pipeline import DEFAULTS, config_toml
+
+    print(config_toml(DEFAULTS), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sigma-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +245,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--show", type=int, default=5, help="buckets to print (default: 5)")
     d.add_argument("--out", default="runs/rq-demo", help="output folder (default: runs/rq-demo)")
     d.set_defaults(func=_cmd_rq_demo)
+
+    from .pipeline import BASELINES, VARIANTS
+
+    def cmd(name, func, help_):
+        c = sub.add_parser(name, help=help_, description=func.__doc__)
+        _run_args(c)
+        c.set_defaults(func=func)
+        return c
+
+    cmd("demo", _cmd_demo, "the whole pipeline on the default data (ml-100k), ~10 min on CPU")
+    cmd("prepare", _cmd_prepare, "load the dataset and build the instruction tasks")
+    cmd("ground", _cmd_ground, "multi-view semantic grounding of item texts")
+    c = cmd("tokenize", _cmd_tokenize, "semantic IDs + hybrid item tokenizers")
+    c.add_argument("--variants", nargs="*", choices=VARIANTS, help="variants to prepare for")
+    c = cmd("train", _cmd_train, "multi-task SFT of the SIGMA model(s)")
+    c.add_argument("--variants", nargs="*", choices=VARIANTS,
+                   help="variants to train (default: config train.variants)")
+    c = cmd("evaluate", _cmd_evaluate, "per-task HR/NDCG with CIs against baselines")
+    c.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
+                   help="variants to evaluate (default: config eval.variants)")
+    c.add_argument("--baselines", nargs="*", choices=BASELINES, default=None,
+                   help="baselines to evaluate (default: config eval.baselines)")
+    c = cmd("recommend", _cmd_recommend, "ranked titles for a user or a history")
+    c.add_argument("--user", default=None, help="a user id of the dataset")
+    c.add_argument("--history", nargs="*", default=None, metavar="TITLE",
+                   help="titles the user interacted with, oldest first")
+    c.add_argument("--task", default="JustForYou",
+                   help="one of the seven tasks (JustForYou, Query, Category, Longtail, "
+                        "Discover, Season, Holiday)")
+    c.add_argument("--instruction", default=None, help="free-form instruction text")
+    c.add_argument("--variant", default="sigma", choices=VARIANTS)
+    c.add_argument("--top-n", type=int, default=10)
+    cf = sub.add_parser("config", help="print every setting with its default (TOML)")
+    cf.set_defaults(func=_cmd_config)
+    bn = sub.add_parser("bench", help="run the benchmarks (source checkout)",
+                        description=_cmd_bench.__doc__)
+    bn.add_argument("-k", default=None, help="pytest -k filter")
+    bn.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -118,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError, IndexError,
+            TypeError) as exc:
         print(f"sigma-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
