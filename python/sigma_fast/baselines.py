@@ -101,11 +101,11 @@ class _Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.p = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=mask,
+                                           v.transpose(1, 2), is_causal=True,
                                            dropout_p=self.p if self.training else 0.0)
         x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
         return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
@@ -117,9 +117,9 @@ class SASRec(nn.Module):
     Item embedding + learned positional embedding -> ``num_blocks`` causal pre-LN self-attention
     blocks -> final LayerNorm; the score of item i after a prefix is the dot product of the last
     hidden state with item i's embedding (input and output embeddings are shared). Sequences are
-    right-aligned in a window of ``max_len`` (the most recent item always sits at the last
-    position); token 0 is padding, item i is token i + 1. Padding keys are masked out of the
-    attention (a position always sees itself, so no row is empty).
+    left-aligned in a window of ``max_len`` and padded on the right (token 0 is padding, item i
+    is token i + 1), so an item's positional embedding is its place in the window both in
+    training and at ranking time; with causal attention no real position ever sees padding.
     """
 
     def __init__(self, num_items: int, dim: int = 64, num_blocks: int = 2, num_heads: int = 2,
@@ -169,19 +169,17 @@ class SASRec(nn.Module):
     # ------------------------------------------------------------------ model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens int64 [B, L] (0 = padding, item i = i + 1, right-aligned, L <= max_len) ->
-        hidden states float32 [B, L, dim]."""
+        """tokens int64 [B, L] (item i = i + 1, left-aligned, 0 = padding after the items,
+        L <= max_len) -> hidden states float32 [B, L, dim]; position t depends on tokens <= t."""
         b, n = tokens.shape
-        pos = torch.arange(self.max_len - n, self.max_len, device=tokens.device)
+        if n > self.max_len:
+            raise ValueError(f"tokens hold {n} positions; this SASRec has max_len {self.max_len}")
+        pos = torch.arange(n, device=tokens.device)
         x = self.item_emb(tokens) * (self.dim ** 0.5) + self.pos_emb(pos)
-        pad = tokens == 0
-        x = self.emb_drop(x) * (~pad).unsqueeze(-1)
-        eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
-        mask = (causal & ~pad[:, None, :]) | eye  # [B, L, L], True = may attend
-        mask = mask.unsqueeze(1)
+        keep = (tokens != 0).unsqueeze(-1)
+        x = self.emb_drop(x) * keep
         for block in self.blocks:
-            x = block(x, mask) * (~pad).unsqueeze(-1)
+            x = block(x) * keep
         return self.ln(x)
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -191,7 +189,7 @@ class SASRec(nn.Module):
     # --------------------------------------------------------------- training
 
     def _windows(self, ds) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every training sequence cut into right-aligned windows of max_len + 1 items, from its
+        """Every training sequence cut into left-aligned windows of max_len + 1 items, from its
         end backwards, so each training transition is predicted exactly once: inputs are the
         window's first items, targets the next ones (-100 where padding)."""
         L = self.max_len
@@ -203,8 +201,8 @@ class SASRec(nn.Module):
                 w = seq[max(0, end - L - 1):end]
                 x = np.zeros(L, np.int64)
                 y = np.full(L, -100, np.int64)
-                x[L - len(w) + 1:] = w[:-1] + 1
-                y[L - len(w) + 1:] = w[1:]
+                x[:len(w) - 1] = w[:-1] + 1
+                y[:len(w) - 1] = w[1:]
                 inputs.append(x)
                 targets.append(y)
                 end -= L
@@ -219,8 +217,9 @@ class SASRec(nn.Module):
         """Train from a fresh seeded initialisation on ``ds``'s training split only: every
         position of every training sequence predicts the next item (full softmax cross-entropy
         over the catalogue), Adam, shuffled windows. With ``valid``, each epoch also measures
-        JustForYou HR@10 on the validation targets and the best epoch's weights are kept.
-        ``self.history`` records each epoch's loss (and validation HR@10). Deterministic for a
+        JustForYou HR@10 and NDCG@10 on the validation targets and the weights of the epoch with
+        the best NDCG@10 are kept (ties: the later epoch). ``self.history`` records each epoch's
+        loss (and validation metrics). Deterministic for a
         seed on a given device."""
         from tqdm.auto import tqdm
 
@@ -266,17 +265,24 @@ class SASRec(nn.Module):
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
                 record = {"epoch": epoch + 1, "loss": total / max(count, 1)}
                 if valid_samples:
-                    hits = self.rank(valid_samples, top_n=10) == np.array(
-                        [s.target for s in valid_samples])[:, None]
-                    record["valid_hr@10"] = float(hits.any(1).mean())
-                    if record["valid_hr@10"] > best:
-                        best = record["valid_hr@10"]
+                    record.update(self._validate(valid_samples))
+                    # NDCG@10 separates epochs that HR@10 ties (small catalogues); a tie goes to
+                    # the later, longer-trained epoch.
+                    if record["valid_ndcg@10"] >= best:
+                        best = record["valid_ndcg@10"]
                         best_state = copy.deepcopy(self.state_dict())
                 self.history.append(record)
         bar.close()
         if best_state is not None:
             self.load_state_dict(best_state)
         return self.eval()
+
+    def _validate(self, samples) -> dict:
+        ranks = self.rank(samples, top_n=10)
+        targets = np.array([s.target for s in samples])[:, None]
+        hit = ranks == targets
+        gain = (hit / np.log2(np.arange(2, 12))).sum(1)
+        return {"valid_hr@10": float(hit.any(1).mean()), "valid_ndcg@10": float(gain.mean())}
 
     @staticmethod
     def _valid_samples(ds) -> list:
@@ -303,12 +309,14 @@ class SASRec(nn.Module):
             for start in range(0, len(samples), batch_size):
                 chunk = samples[start:start + batch_size]
                 tokens = np.zeros((len(chunk), L), np.int64)
+                last = np.zeros(len(chunk), np.int64)  # position of the newest history item
                 allow = None
                 for r, s in enumerate(chunk):
                     h = np.asarray(s.history, dtype=np.int64)[-L:]
                     _check_items(h, self.num_items, f"sample {start + r} history")
                     if len(h):
-                        tokens[r, L - len(h):] = h + 1
+                        tokens[r, :len(h)] = h + 1
+                        last[r] = len(h) - 1
                     if s.allowed is not None:
                         a = np.asarray(s.allowed, dtype=np.int64)
                         _check_items(a, self.num_items, f"sample {start + r} allowed subset")
@@ -318,7 +326,10 @@ class SASRec(nn.Module):
                         allow[r, torch.from_numpy(a)] = True
                     elif allow is not None:
                         allow[r] = True
-                logits = self.item_logits(self(torch.from_numpy(tokens).to(device))[:, -1])
+                hidden = self(torch.from_numpy(tokens).to(device))
+                hidden = hidden[torch.arange(len(chunk), device=device),
+                                torch.from_numpy(last).to(device)]
+                logits = self.item_logits(hidden)
                 logits = logits.float()
                 if allow is not None:
                     allow = allow.to(device)
