@@ -98,7 +98,8 @@ def test_bootstrap_ci_errors():
 
 def crafted():
     samples = [sample("JustForYou", 0, 1), sample("JustForYou", 1, 2),
-               sample("Category", 0, 5, allowed=[5, 6, 7]), sample("Category", 2, 7, allowed=[5, 6, 7])]
+               sample("Category", 0, 5, allowed=[5, 6, 7]),
+               sample("Category", 2, 7, allowed=[5, 6, 7])]
     rankings = np.array([[1, 3, 4], [3, 4, 2], [6, 5, -1], [5, 6, -1]])
     return samples, rankings
 

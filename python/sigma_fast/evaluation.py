@@ -101,14 +101,15 @@ def hit_ndcg(rankings, targets, ks=(1, 5, 10, 20), *, ndcg_ks=None) -> dict[str,
 # --------------------------------------------------------------------------- bootstrap
 
 def bootstrap_ci(values, groups=None, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 rng: np.random.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and percentile bootstrap interval of per-sample values, resampling *groups*.
 
     ``values``: float [n] or [n, m] (m statistics sharing the same resamples). ``groups``: int
     [n] group (user) of each sample, None for one group per sample. Each replicate draws the
     distinct groups with replacement (a multinomial count per group) and takes the mean over all
-    samples of the drawn groups. Returns ``(mean, lo, hi)``, each float64 [m] (or scalars' [1]
-    arrays when ``values`` is 1-D). Deterministic for ``seed`` (or the given ``rng``).
+    samples of the drawn groups. Returns ``(mean, lo, hi)``, each float64 [m] ([1] when
+    ``values`` is 1-D). Deterministic for ``seed`` (or the given ``rng``).
     """
     v = np.asarray(values, dtype=np.float64)
     v2 = v[:, None] if v.ndim == 1 else v
@@ -172,7 +173,7 @@ def _check_rankings_allowed(samples: Sequence, r: np.ndarray) -> None:
         if smp.allowed is not None:
             by_subset.setdefault(id(smp.allowed), (smp.allowed, []))[1].append(i)
     for allowed, rows in by_subset.values():
-        a = np.asarray(allowed, dtype=np.int64)
+        a = np.sort(np.asarray(allowed, dtype=np.int64))  # sorted by contract; cheap to ensure
         rr = r[rows]
         pos = np.searchsorted(a, rr).clip(0, max(len(a) - 1, 0))
         inside = (a[pos] == rr) if len(a) else np.zeros(rr.shape, bool)
@@ -180,8 +181,9 @@ def _check_rankings_allowed(samples: Sequence, r: np.ndarray) -> None:
         if bad.any():
             j, c = np.argwhere(bad)[0]
             raise ValueError(f"sample {rows[j]} ({samples[rows[j]].task}): ranked item "
-                             f"{int(rr[j, c])} at position {int(c)} is outside the sample's allowed "
-                             f"subset ({len(a)} items); generation must only return allowed items")
+                             f"{int(rr[j, c])} at position {int(c)} is outside the sample's "
+                             f"allowed subset ({len(a)} items); generation must only return "
+                             f"allowed items")
 
 
 def _task_order(tasks) -> list[str]:
