@@ -2,6 +2,7 @@
 MovieLens-100K."""
 
 import importlib.util
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,6 +85,11 @@ def test_most_popular_errors(popular):
         mp.rank([sample([0], 3, allowed=[1, 6])])
     with pytest.raises(ValueError, match="top_n"):
         mp.rank([sample([0], 3)], top_n=0)
+    empty = SimpleNamespace(name="none", num_items=0, num_users=0, num_interactions=0)
+    with pytest.raises(ValueError, match="'none' is empty"):
+        MostPopular(empty)
+    with pytest.raises(ValueError, match="'none' is empty"):
+        SASRec(3).fit(empty)
 
 
 # ------------------------------------------------------------------------------ SASRec
