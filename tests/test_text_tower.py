@@ -1,12 +1,15 @@
 """Text towers read from installed packages: MiniLM (mean pooling) and SmolLM2-135M (last-token
-pooling of a decoder LM, converted once from the package's GGUF file)."""
+pooling of a decoder LM, converted once from the package's GGUF file); the feature cache, the
+last-layer tail trained from cached hidden states, and full fine-tuning."""
 
 import importlib.util
 
 import numpy as np
 import pytest
+import torch
 
-from sigma_fast.data.text import encode_texts
+from sigma_fast.data import text as text_mod
+from sigma_fast.data.text import LMTail, encode_texts, layer_inputs, load_lm, text_features
 
 TEXTS = ["Toy Story. class: Animation, Children's, Comedy", "Heat. class: Action, Crime",
          "Toy Story 2. class: Animation, Children's, Comedy"]
@@ -58,11 +61,6 @@ def test_missing_package_and_bad_arguments(monkeypatch, tmp_path):
 # ------------------------------------------------------ cache, last layers, full fine-tuning
 # A tiny randomly initialised Llama (and BERT) saved with the MiniLM tokenizer stands in for
 # SmolLM2 / MiniLM: same code paths, milliseconds per step.
-import torch  # noqa: E402
-
-from sigma_fast.data import text as text_mod  # noqa: E402
-from sigma_fast.data.text import (LMTail, layer_inputs, load_lm, text_features)  # noqa: E402
-
 ITEMS = ["Toy Story. release year: 1995. class: Animation, Children's, Comedy",
          "GoldenEye. release year: 1995. class: Action, Adventure, Thriller",
          "Four Rooms. class: Thriller", "Heat", "Toy Story 2. class: Animation, Comedy",
@@ -169,7 +167,8 @@ def test_last_layers_from_cached_hidden_states_reproduce_the_lm(which, pooling, 
         tail = LMTail(lm, n, pool).eval()
         assert len(tail.layers) == n
         with torch.no_grad():  # a different batching than the cached pass
-            out = torch.cat([tail(*inputs.batch(idx, pool)) for idx in ([5, 0, 3], [1, 2, 4, 6, 7])])
+            out = torch.cat([tail(*inputs.batch(idx, pool))
+                             for idx in ([5, 0, 3], [1, 2, 4, 6, 7])])
         order = [5, 0, 3, 1, 2, 4, 6, 7]
         np.testing.assert_allclose(out.numpy(), feats[order], atol=1e-5)
         np.testing.assert_allclose(inputs.features, feats, atol=1e-6)

@@ -17,6 +17,14 @@ Everything here works on plain arrays so it does not depend on a dataset class:
 >>> grounded = model.embed(features)                  # float32 [N, 64], unit rows
 >>> recall_at_k(grounded, held_out.pairs, k=20)
 >>> model.save("grounding_dir"); GroundingModel.load("grounding_dir")
+
+The same losses train the LM itself with :func:`train_text_tower` (a :class:`TextTower`: the
+frozen LM's cached features + projection, or the LM's last ``n`` layers from cached hidden
+states, or the whole LM with ``finetune="full"``):
+
+>>> tower = train_text_tower(texts, view.pairs, id_emb, encoder="smollm2", train_layers=1)
+>>> tower.embed_texts(new_texts)                      # float32 [M, 64], unit rows
+>>> tower.save("tower_dir"); TextTower.load("tower_dir")
 """
 
 from __future__ import annotations
@@ -606,6 +614,9 @@ class TextTower(nn.Module):
         from .data.text import layer_inputs, text_features
 
         texts = list(texts)
+        if self.encoder is None:
+            raise ValueError("this tower was trained on precomputed features (no encoder); "
+                             "embed items with tower.embed(features=...) instead")
         dev = self._device()
         if self.mode == "frozen":
             feats = text_features(texts, self.encoder, cache_dir=cache_dir, pooling=self.pooling,

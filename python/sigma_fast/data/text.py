@@ -96,7 +96,8 @@ def _is_decoder(config) -> bool:
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     kind = getattr(config, "model_type", None)
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def _default_pooling(encoder, config=None) -> str:
