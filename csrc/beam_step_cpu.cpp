@@ -198,71 +198,34 @@ inline float lse_lower_bound(const RowScan& scan, int64_t k) {
   return bound > scan.max ? bound : scan.max;
 }
 
+// A candidate with its ranking key: `key` holds the score, mapped to an unsigned integer that
+// grows as the score falls (-0.0 and +0.0 map alike, as they compare equal), above the parent
+// beam; ties of the key go to the smaller token. One integer comparison decides almost every
+// pair, which keeps the selection (nth_element, sort) cheap.
 struct Candidate {
-  float score;
-  int32_t parent, token;
+  uint64_t key;
   int64_t node;
+  int32_t token;
+  float score;
 };
+
+inline uint64_t rank_key(float score, int64_t parent) {
+  const float s = score + 0.0f;  // -0.0 -> +0.0
+  uint32_t u;
+  std::memcpy(&u, &s, sizeof(u));
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with the score
+  return (static_cast<uint64_t>(~u) << 32) | static_cast<uint32_t>(parent);
+}
 
 // a ranks before b: higher score, then smaller parent, then smaller token.
 struct RanksBefore {
   bool operator()(const Candidate& a, const Candidate& b) const {
-    if (a.score != b.score) return a.score > b.score;
-    if (a.parent != b.parent) return a.parent < b.parent;
-    return a.token < b.token;
+    return a.key != b.key ? a.key < b.key : a.token < b.token;
   }
 };
 
 std::string beam_name(int64_t b, int64_t w) {
   return "request " + std::to_string(b) + ", beam " + std::to_string(w);
-}
-
-// Floats as order-preserving integers (for bisection over float values).
-inline int64_t float_order(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof(i));
-  return i < 0 ? static_cast<int64_t>(i ^ 0x7fffffff) : i;
-}
-inline float order_float(int64_t o) {
-  const int32_t i = static_cast<int32_t>(o < 0 ? (o ^ 0x7fffffff) : o);
-  float f;
-  std::memcpy(&f, &i, sizeof(f));
-  return f;
-}
-
-// The candidate score of logit x is f(x) = bs + (x - lse) in float32 (bs + x without
-// normalization): monotone in x. logit_cut returns the largest float c with f(c) < thr, so that
-// for every logit x: f(x) >= thr exactly when x > c. The hot loops compare raw logits against c
-// and compute scores only for the few candidates that can enter the top W.
-inline float logit_cut(float thr, float bs, float lse, bool normalized) {
-  auto below = [&](float x) { return (normalized ? bs + (x - lse) : bs + x) < thr; };
-  constexpr float kMax = std::numeric_limits<float>::max();
-  if (thr == -kInf) return -kInf;  // every finite logit gives a finite score
-  if (below(kMax)) return kMax;
-  // Invariant: below(order_float(lo)) and !below(order_float(hi)); f(-inf) = -inf < thr.
-  int64_t lo = float_order(-kInf), hi = float_order(kMax);
-  const float guess = normalized ? (thr - bs) + lse : thr - bs;
-  if (guess > -kInf && guess < kMax) {  // gallop from the algebraic guess: usually 1-3 steps
-    const int64_t g = float_order(guess);
-    const bool up = below(guess);
-    (up ? lo : hi) = g;
-    for (int64_t step = 1;; step *= 2) {
-      const int64_t probe = up ? g + step : g - step;
-      if (probe <= lo || probe >= hi) break;
-      if (below(order_float(probe))) {
-        lo = probe;
-        if (!up) break;
-      } else {
-        hi = probe;
-        if (up) break;
-      }
-    }
-  }
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    (below(order_float(mid)) ? lo : hi) = mid;
-  }
-  return order_float(lo);
 }
 
 // A live beam of the request being stepped.
@@ -273,6 +236,52 @@ struct LiveBeam {
   float best;         // upper bound of the beam's best candidate score
 };
 
+// Cache lines of the trie and the logits a request will read, fetched ahead of time (see
+// constrained_beam_step_cpu): the beams' nodes are scattered over the trie's arrays and each
+// logit row sits in its own page of a wider LM row, so without this every beam waits on a few
+// memory round trips in turn.
+inline bool live_state(const BeamStepArgs& a, int64_t i) {
+  const int64_t s = a.states[i];
+  return a.beam_scores[i] != -kInf && s >= 0 && s < a.num_nodes;
+}
+
+void prefetch_offsets(const BeamStepArgs& a, int64_t b) {
+  for (int64_t i = b * a.beams_in, end = i + a.beams_in; i < end; ++i)
+    if (live_state(a, i)) __builtin_prefetch(a.child_offsets + a.states[i]);
+}
+
+void prefetch_children(const BeamStepArgs& a, int64_t b) {
+  for (int64_t i = b * a.beams_in, end = i + a.beams_in; i < end; ++i) {
+    if (!live_state(a, i)) continue;
+    const int64_t s = a.states[i];
+    const int64_t lo = a.child_offsets[s], hi = a.child_offsets[s + 1];
+    if (lo < 0 || lo >= hi || hi > a.slots) continue;
+    const int64_t last = std::min<int64_t>(hi, lo + 32);  // at most a few lines per list
+    for (int64_t e = lo; e < last; e += 8) {
+      __builtin_prefetch(a.child_tokens + e);
+      __builtin_prefetch(a.child_nodes + e);
+    }
+  }
+}
+
+void prefetch_rows(const BeamStepArgs& a, int64_t b) {
+  const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
+  for (int64_t w = 0; w < a.beams_in; ++w) {
+    const int64_t i = b * a.beams_in + w;
+    if (!live_state(a, i)) continue;
+    const char* row = reinterpret_cast<const char*>(a.logits + b * a.ld_b + w * a.ld_w);
+    const int64_t bytes = a.k * static_cast<int64_t>(sizeof(float));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
+    if (allowed) {
+      const int64_t s = a.states[i];
+      const int64_t lo = a.child_offsets[s], hi = a.child_offsets[s + 1];
+      if (lo < 0 || lo >= hi || hi > a.slots) continue;
+      const int64_t c = a.child_nodes[lo];
+      if (c >= 0 && c < a.num_nodes) __builtin_prefetch(allowed + c);
+    }
+  }
+}
+
 // Top-W candidates of one request, exactly by (score desc, parent asc, token asc).
 //  1. Check every live beam (scores, states, NaN / +inf logits, trie ranges) and bound its best
 //     candidate score using a lower bound of its log-sum-exp.
@@ -280,7 +289,9 @@ struct LiveBeam {
 //     a beam whose bound is below it cannot contribute, and neither can any beam after it.
 //     Accepted candidates (score >= threshold: equal scores may still win on the tie rule) go
 //     to a buffer cut back to the best W whenever it holds 2W (O(1) amortized each).
-// Only beams that can contribute pay for the log-sum-exp over their row.
+// Only beams that can contribute pay for the log-sum-exp over their row. Scores are computed
+// as bs + (x - lse) in float32 (bs + x without normalization); they are monotone in x and
+// decrease in lse, so a bound of lse bounds the scores exactly.
 void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
                   std::vector<LiveBeam>& beams) {
   const int64_t W = a.beam_width;
@@ -289,24 +300,6 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
   const bool normalized = a.normalize != BeamNormalize::kNone;
   buf.clear();
   beams.clear();
-
-  // The beams' nodes are scattered over the trie's arrays: start every cache miss up front so
-  // they overlap (child_offsets first, then the child lists they point at).
-  for (int64_t w = 0; w < a.beams_in; ++w) {
-    const int64_t s = a.states[b * a.beams_in + w];
-    if (a.beam_scores[b * a.beams_in + w] != -kInf && s >= 0 && s < a.num_nodes)
-      __builtin_prefetch(a.child_offsets + s);
-  }
-  for (int64_t w = 0; w < a.beams_in; ++w) {
-    const int64_t s = a.states[b * a.beams_in + w];
-    if (a.beam_scores[b * a.beams_in + w] != -kInf && s >= 0 && s < a.num_nodes) {
-      const int64_t e = a.child_offsets[s];
-      if (e >= 0 && e < a.slots) {
-        __builtin_prefetch(a.child_tokens + e);
-        __builtin_prefetch(a.child_nodes + e);
-      }
-    }
-  }
 
   auto node_of = [&](int64_t e) -> int64_t {  // node of slot e, or -1 if not allowed
     const int64_t c = a.child_nodes[e];
@@ -360,18 +353,18 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
     } else {
       lb.lse = lb.lse_bound = 0.0f;
     }
-    // Scores decrease in lse, so the lower bound of lse gives an upper bound of the score.
     lb.best = normalized ? bs + (best_x - lb.lse_bound) : bs + best_x;
     if (lb.best > -kInf) beams.push_back(lb);
   }
 
-  // 2. Best bound first (stable: ties keep beam order).
-  std::stable_sort(beams.begin(), beams.end(),
-                   [](const LiveBeam& x, const LiveBeam& y) { return x.best > y.best; });
+  // 2. Best bound first; ties keep beam order.
+  std::sort(beams.begin(), beams.end(), [](const LiveBeam& x, const LiveBeam& y) {
+    return x.best != y.best ? x.best > y.best : x.w < y.w;
+  });
   float threshold = -kInf;  // the W-th best score so far (-inf until W candidates)
   bool have_w = false;
-  auto accept = [&](const Candidate& c) {
-    buf.push_back(c);
+  auto accept = [&](float score, int64_t w, int64_t tok, int64_t node) {
+    buf.push_back(Candidate{rank_key(score, w), node, static_cast<int32_t>(tok), score});
     const int64_t size = static_cast<int64_t>(buf.size());
     if (!have_w && size == W) {
       have_w = true;
@@ -388,27 +381,24 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
     const float* row = a.logits + b * a.ld_b + lb.w * a.ld_w;
     if (a.normalize == BeamNormalize::kFull) {
       if (have_w) {  // a finer check before paying for the log-sum-exp over the whole row
-        const float cut = logit_cut(threshold, lb.bs, lb.lse_bound, true);
         bool any = false;
-        for (int64_t e = lb.lo; e < lb.hi && !any; ++e)
-          any = row[a.child_tokens[e]] > cut && node_of(e) >= 0;
+        for (int64_t e = lb.lo; e < lb.hi && !any; ++e) {
+          const float x = row[a.child_tokens[e]];
+          any = lb.bs + (x - lb.lse_bound) >= threshold && node_of(e) >= 0;
+        }
         if (!any) continue;
       }
       lb.lse = log_sum_exp(lb.max, sum_exp(row, a.k, lb.max));
     }
     const float lse = lb.lse;
-    float cut = logit_cut(threshold, lb.bs, lse, normalized);
     for (int64_t e = lb.lo; e < lb.hi; ++e) {
       const int64_t tok = a.child_tokens[e];
       const float x = row[tok];
-      if (!(x > cut)) continue;
+      const float score = normalized ? lb.bs + (x - lse) : lb.bs + x;
+      if (!(score >= threshold) || !(score > -kInf)) continue;
       const int64_t c = node_of(e);
       if (c < 0) continue;
-      const float score = normalized ? lb.bs + (x - lse) : lb.bs + x;
-      if (!(score > -kInf) || score < threshold) continue;  // guards; the cut implies both
-      const float before = threshold;
-      accept(Candidate{score, static_cast<int32_t>(lb.w), static_cast<int32_t>(tok), c});
-      if (threshold != before) cut = logit_cut(threshold, lb.bs, lse, normalized);
+      accept(score, lb.w, tok, c);
     }
   }
 
@@ -427,7 +417,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
     if (j < static_cast<int64_t>(buf.size())) {
       const Candidate& c = buf[static_cast<size_t>(j)];
       a.out_scores[o] = c.score;
-      a.out_parent[o] = c.parent;
+      a.out_parent[o] = static_cast<int64_t>(static_cast<uint32_t>(c.key));
       a.out_token[o] = c.token;
       a.out_state[o] = c.node;
     } else {
@@ -439,23 +429,39 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
   }
 }
 
+// Requests [b0, b1) in order, with the memory each will read fetched a few requests ahead:
+// child offsets three requests ahead, child lists two ahead, logit rows and validity one ahead.
+// `b` is left at the request being stepped (the failing one when this throws).
+void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, std::vector<Candidate>& buf,
+                   std::vector<LiveBeam>& beams, int64_t& b) {
+  for (int64_t b = b0; b < std::min(b1, b0 + 3); ++b) prefetch_offsets(a, b);
+  for (int64_t b = b0; b < std::min(b1, b0 + 2); ++b) prefetch_children(a, b);
+  if (b0 < b1) prefetch_rows(a, b0);
+  for (b = b0; b < b1; ++b) {
+    if (b + 3 < b1) prefetch_offsets(a, b + 3);
+    if (b + 2 < b1) prefetch_children(a, b + 2);
+    if (b + 1 < b1) prefetch_rows(a, b + 1);
+    step_request(a, b, buf, beams);
+  }
+}
+
 }  // namespace
 
 void constrained_beam_step_cpu(const BeamStepArgs& a) {
   if (a.beam_width < 1)
     throw std::invalid_argument("beam_width must be >= 1; got " + std::to_string(a.beam_width));
   if (a.num_nodes < 1) throw std::invalid_argument("the trie must have a root (num_nodes >= 1)");
-  // Candidates store parent and token as int32.
+  // Candidates store parent and token as 32-bit integers.
   if (a.k > INT32_MAX || a.beams_in > INT32_MAX)
     throw std::invalid_argument("logits: at most 2^31 - 1 beams and codes per row");
   if (a.batch <= 0) return;
-  // About 64k logits of live beams per chunk, so small steps (and the first step of a search,
+  // About 16k logits of live beams per chunk, so small steps (and the first step of a search,
   // one live beam per request) stay on the calling thread.
   int64_t live = 0;
   for (int64_t i = 0; i < a.batch * a.beams_in; ++i) live += a.beam_scores[i] != -kInf;
   const int64_t per_request =
       std::max<int64_t>(1, live * std::max<int64_t>(a.k, 1) / std::max<int64_t>(a.batch, 1));
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_request);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / per_request);
   std::mutex mutex;
   int64_t failed = std::numeric_limits<int64_t>::max();
   std::exception_ptr error;
@@ -463,23 +469,17 @@ void constrained_beam_step_cpu(const BeamStepArgs& a) {
     std::vector<Candidate> buf;
     std::vector<LiveBeam> beams;
     buf.reserve(static_cast<size_t>(2 * a.beam_width));
-    for (int64_t b = b0; b < b1; ++b) {
-      try {
-        step_request(a, b, buf, beams);
-      } catch (...) {
-        // Report the smallest failing request whatever the thread timing.
-        std::lock_guard<std::mutex> lock(mutex);
-        if (b < failed) failed = b, error = std::current_exception();
-        return;
-      }
+    beams.reserve(static_cast<size_t>(a.beams_in));
+    int64_t b = b0;
+    try {
+      step_requests(a, b0, b1, buf, beams, b);
+    } catch (...) {
+      // Report the smallest failing request whatever the thread timing.
+      std::lock_guard<std::mutex> lock(mutex);
+      if (b < failed) failed = b, error = std::current_exception();
     }
   };
-  // parallel_for would run a single chunk here too; calling it costs a thread-count lookup.
-  if (a.batch <= grain) {
-    run(0, a.batch);
-  } else {
-    parallel_for(a.batch, grain, run);
-  }
+  parallel_for(a.batch, grain, run);
   if (error) std::rethrow_exception(error);
 }
 

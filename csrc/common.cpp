@@ -1,6 +1,19 @@
 #include "common.h"
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define SIGMA_FAST_HAVE_ATFORK 1
+#endif
 
 namespace sigma_fast {
 namespace {
@@ -16,6 +29,107 @@ int default_threads() {
 
 std::atomic<int> g_threads{0};
 
+// One parallel_for call: chunks are claimed through `next` by the caller and the workers.
+struct Job {
+  detail::ChunkTask task;
+  int64_t chunks = 0;
+  std::atomic<int64_t> next{0};
+  // Guarded by mutex: finished chunks and the first (smallest-index) failure.
+  std::mutex mutex;
+  std::condition_variable finished;
+  int64_t done = 0;
+  int64_t error_chunk = std::numeric_limits<int64_t>::max();
+  std::exception_ptr error;
+
+  void run(int64_t c) {
+    std::exception_ptr e;
+    try {
+      task.call(task.ctx, c);
+    } catch (...) {
+      e = std::current_exception();
+    }
+    // The caller destroys the job once done == chunks, which it can only observe under the
+    // mutex: nothing touches the job after this block.
+    std::lock_guard<std::mutex> lock(mutex);
+    if (e && c < error_chunk) error_chunk = c, error = e;
+    if (++done == chunks) finished.notify_all();
+  }
+};
+
+// Persistent workers sleeping on a condition variable until a job is queued. Jobs are served
+// in order; a worker claims one chunk at a time. Workers are added when the thread count
+// grows and never removed (idle ones only sleep).
+class Pool {
+ public:
+  void run(Job& job, int workers_wanted) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (static_cast<int>(workers_.size()) < workers_wanted)
+        workers_.emplace_back([this] { work(); });
+      queue_.push_back(&job);
+    }
+    for (int64_t i = 1; i < job.chunks; ++i) wake_.notify_one();
+    // The caller works through the chunks too: with sleepy or busy workers it does them all.
+    for (int64_t c = job.next.fetch_add(1); c < job.chunks; c = job.next.fetch_add(1)) job.run(c);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);  // no worker can reach the job after this
+      for (auto it = queue_.begin(); it != queue_.end(); ++it)
+        if (*it == &job) {
+          queue_.erase(it);
+          break;
+        }
+    }
+    std::unique_lock<std::mutex> lock(job.mutex);
+    job.finished.wait(lock, [&] { return job.done == job.chunks; });
+  }
+
+ private:
+  void work() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return !queue_.empty(); });
+      Job* job = queue_.front();
+      const int64_t c = job->next.fetch_add(1);
+      if (c >= job->chunks - 1) queue_.pop_front();  // exhausted: nothing left to claim
+      if (c >= job->chunks) continue;
+      lock.unlock();
+      job->run(c);
+      lock.lock();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<Job*> queue_;
+  std::vector<std::thread> workers_;
+};
+
+std::atomic<Pool*> g_pool{nullptr};
+std::mutex g_pool_mutex;
+
+#ifdef SIGMA_FAST_HAVE_ATFORK
+// A forked child has none of the parent's workers (and possibly a locked pool mutex): it starts
+// a fresh pool on first use. The parent's pool is leaked in the child, never touched.
+void forget_pool_in_child() { g_pool.store(nullptr, std::memory_order_relaxed); }
+#endif
+
+Pool& pool() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p) return *p;
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  p = g_pool.load(std::memory_order_relaxed);
+  if (!p) {
+#ifdef SIGMA_FAST_HAVE_ATFORK
+    static const bool registered = (pthread_atfork(nullptr, nullptr, forget_pool_in_child), true);
+    (void)registered;
+#endif
+    // Never destroyed: workers may still sleep in it at interpreter exit.
+    p = new Pool();
+    g_pool.store(p, std::memory_order_release);
+  }
+  return *p;
+}
+
 }  // namespace
 
 int get_num_threads() {
@@ -30,4 +144,21 @@ void set_num_threads(int n) {
   g_threads.store(n, std::memory_order_relaxed);
 }
 
+namespace detail {
+
+void run_chunks(int64_t chunks, ChunkTask task) {
+  if (chunks <= 0) return;
+  Job job;
+  job.task = task;
+  job.chunks = chunks;
+  if (chunks == 1) {
+    job.run(0);
+  } else {
+    const int64_t helpers = std::min<int64_t>(chunks - 1, get_num_threads() - 1);
+    pool().run(job, static_cast<int>(std::max<int64_t>(helpers, 1)));
+  }
+  if (job.error) std::rethrow_exception(job.error);
+}
+
+}  // namespace detail
 }  // namespace sigma_fast

@@ -11,6 +11,7 @@ dispatch mode it goes through the registered op.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -281,6 +282,20 @@ def constrained_beam_step(logits, beam_scores, states, trie: PrefixTrie, *, beam
     state -1 (a NaN beam score is itself a bad value at the next step), and the other requests
     are unaffected.
     """
+    if (type(logits) is torch.Tensor and type(beam_scores) is torch.Tensor  # noqa: E721
+            and type(states) is torch.Tensor and (backend is None or backend == "cpu")  # noqa: E721
+            and _eager()):
+        out = _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, normalize,
+                             on_empty)
+        if out is not None:
+            return out
+    return _constrained_beam_step(logits, beam_scores, states, trie, beam_width, allowed,
+                                  normalize, on_empty, backend)
+
+
+def _constrained_beam_step(logits, beam_scores, states, trie, beam_width, allowed, normalize,
+                           on_empty, backend):
+    """The general path: every input kind, device and backend, with the full checks."""
     if not isinstance(trie, PrefixTrie):
         raise TypeError(f"trie must be a sigma_fast.PrefixTrie; got {type(trie).__name__}")
     lg, was_numpy = as_tensor(logits, "logits")
@@ -327,6 +342,67 @@ def constrained_beam_step(logits, beam_scores, states, trie: PrefixTrie, *, beam
     else:
         out = torch.ops.sigma_fast.constrained_beam_step(*args)
     return BeamStep(*(to_output(o, was_numpy) for o in out))
+
+
+# ------------------------------------------------------------------------ cpu fast path
+# A step at small sizes is tens of microseconds of C++, so the Python around it counts: the
+# common case (CPU float32 / int64 torch tensors, eager mode, cpu backend) is recognised with a
+# few cheap tests and goes straight to the C++ step, which checks shapes, strides and values
+# itself; anything else (or anything wrong) takes the general path and its messages.
+
+_NORMALIZE_CODE = {name: i for i, name in enumerate(NORMALIZE)}
+_TRIE_NUMPY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _trie_numpy(trie: PrefixTrie):
+    """NumPy views of the trie's CSR arrays (CPU), cached per trie while its tensors stay the
+    same objects."""
+    co, ct, cn = trie.child_offsets, trie.child_tokens, trie.child_nodes
+    hit = _TRIE_NUMPY.get(trie)
+    if hit is not None and hit[0] is co and hit[1] is ct and hit[2] is cn:
+        return hit[3]
+    arrays = (co.numpy(), ct.numpy(), cn.numpy())
+    _TRIE_NUMPY[trie] = (co, ct, cn, arrays)
+    return arrays
+
+
+def _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, normalize, on_empty):
+    """The step for the common CPU case, or None when the general path must take the call."""
+    if not (type(trie) is PrefixTrie and logits.dtype is torch.float32  # noqa: E721
+            and beam_scores.dtype is torch.float32 and states.dtype is torch.int64
+            and logits.is_cpu and beam_scores.is_cpu and states.is_cpu
+            and logits.dim() == 3 and type(beam_width) is int and beam_width >= 1  # noqa: E721
+            and on_empty in ON_EMPTY and not beam_scores.requires_grad):
+        return None
+    code = _NORMALIZE_CODE.get(normalize)
+    if code is None or logits.shape[2] != trie.codebook_size or not trie.child_offsets.is_cpu:
+        return None
+    al = None
+    if allowed is not None:
+        if not (type(allowed) is torch.Tensor and allowed.dtype is torch.bool  # noqa: E721
+                and allowed.is_cpu):
+            return None
+        if allowed.dim() == 1:
+            allowed = allowed.unsqueeze(0)
+        if allowed.stride(-1) != 1:
+            allowed = allowed.contiguous()
+        al = allowed.numpy()  # shape checked in C++ (a mismatch re-runs the general path)
+    core = load_core()
+    if core is None:
+        return None
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    co, ct, cn = _trie_numpy(trie)
+    try:
+        out = core.constrained_beam_step(
+            logits.detach().numpy(), beam_scores.numpy(), states.numpy(), co, ct, cn, al,
+            beam_width, code, on_empty == "pad")
+    except ValueError:
+        # Shape / layout problems surface from the binding as ValueError: the general path
+        # raises them with its own messages (value errors: the same ones again).
+        return None
+    return BeamStep(torch.from_numpy(out[0]), torch.from_numpy(out[1]),
+                    torch.from_numpy(out[2]), torch.from_numpy(out[3]))
 
 
 __all__ = ["BeamStep", "constrained_beam_step"]
