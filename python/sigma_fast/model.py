@@ -101,6 +101,22 @@ class EncodedSample:
 
 
 # ------------------------------------------------------------------------------ backbones
+class _quiet_hf:
+    """Silence transformers' per-file progress bars ("Loading weights", "Writing model
+    shards") for the duration of a load or save; restores the previous setting."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._log = hf_logging
+        self._was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        if self._was:
+            self._log.enable_progress_bar()
+
+
 def _tiny_tokenizer():
     """The tokenizer of the ``tiny`` preset: all-MiniLM-L6-v2's WordPiece vocabulary (30k
     tokens, from its installed package)."""
@@ -143,7 +159,8 @@ def load_backbone(preset: str, *, num_layers: int | None = None, hidden_size: in
                 raise FileNotFoundError(f"backbone must be one of {PRESETS} or a Hugging Face "
                                         f"model folder with config.json; got {preset!r}")
         tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with _quiet_hf():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         if num_layers is not None:
             layers = _decoder_layers(model)
             if not 1 <= num_layers <= len(layers):
@@ -414,7 +431,8 @@ class SigmaModel(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+            with _quiet_hf():
+                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
             self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
             self.items.save(tmp / ITEMS_DIR)
             atomic_save_tensors(tmp / HEADS_FILE,
@@ -447,8 +465,9 @@ class SigmaModel(nn.Module):
         fields = {k: v for k, v in cfg.items() if k in SigmaConfig.__dataclass_fields__}
         config = SigmaConfig(**fields)
         tok = AutoTokenizer.from_pretrained(directory / BACKBONE_DIR)
-        backbone = AutoModelForCausalLM.from_pretrained(directory / BACKBONE_DIR,
-                                                        dtype=torch.float32)
+        with _quiet_hf():
+            backbone = AutoModelForCausalLM.from_pretrained(directory / BACKBONE_DIR,
+                                                            dtype=torch.float32)
         items = HybridItemTokenizer.load(directory / ITEMS_DIR)
         model = cls(backbone, tok, items, config)
         heads = load_tensors(directory / HEADS_FILE)

@@ -103,17 +103,17 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
         if key not in out:
-            raise ValueError(f"unknown setting {where}{key!r}; known: {sorted(out)}")
+            raise ValueError(f"unknown setting '{where}{key}'; known: {sorted(out)}")
         if isinstance(out[key], dict):
             if not isinstance(value, dict):
-                raise ValueError(f"setting {where}{key!r} must be a table; got {value!r}")
+                raise ValueError(f"setting '{where}{key}' must be a table; got {value!r}")
             out[key] = _merge(out[key], value, f"{where}{key}.")
         else:
             expected = type(out[key])
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ValueError(f"setting {where}{key!r} must be {expected.__name__}; got "
+                raise ValueError(f"setting '{where}{key}' must be {expected.__name__}; got "
                                  f"{value!r}")
             out[key] = value
     return out
@@ -136,6 +136,9 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     for v in cfg["train"]["variants"] + cfg["eval"]["variants"]:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; expected names from {VARIANTS}")
+    if cfg["eval"]["top_n"] < 20:
+        raise ValueError(f"eval.top_n must be >= 20 (HR@20 and NDCG@20 are reported); got "
+                         f"{cfg['eval']['top_n']}")
     for b in cfg["eval"]["baselines"]:
         if b not in BASELINES:
             raise ValueError(f"unknown baseline {b!r}; expected names from {BASELINES}")
