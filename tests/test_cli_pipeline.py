@@ -24,6 +24,7 @@ def _sets(data):
 
 
 @needs_minilm
+@pytest.mark.e2e
 def test_demo_then_each_command(tmp_path, capsys):
     data = write_pattern_dataset(tmp_path / "pat")
     run = tmp_path / "run"

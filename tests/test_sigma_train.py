@@ -11,7 +11,7 @@ import torch
 
 from sigma_fixtures import needs_minilm, pattern_setup
 
-pytestmark = needs_minilm
+pytestmark = [needs_minilm, pytest.mark.e2e]
 
 
 def _fresh(tmp_path, **kw):
