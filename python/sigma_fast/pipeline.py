@@ -51,6 +51,7 @@ DEFAULTS: dict[str, dict] = {
         "train_layers": 0,          # also train the LM's last n layers (features cached once)
         "dim": 64,                  # grounded embedding size
         "epochs": 10,
+        "pairs_per_epoch": 0,       # pairs drawn per epoch (0 = every view pair once)
         "tau": 0.05,                # InfoNCE temperature of L_CL and L_KD
         "lam": 1.0,                 # weight of L_KD
         "id_dim": 64,               # BPR teacher size
@@ -250,6 +251,7 @@ def ground(run_dir, cfg: dict, *, progress=None) -> dict:
         features = hashed_text_features(ds.item_texts)
     res = ground_dataset(ds, features, encoder=g["encoder"], train_layers=g["train_layers"],
                          dim=g["dim"], epochs=g["epochs"], tau=g["tau"], lam=g["lam"],
+                         pairs_per_epoch=g["pairs_per_epoch"] or None,
                          id_dim=g["id_dim"], id_epochs=g["id_epochs"], seed=g["seed"],
                          progress=progress)
     feats = res.text_features if res.text_features is not None else features
