@@ -479,7 +479,7 @@ void constrained_beam_step_cpu(const BeamStepArgs& a) {
       if (b < failed) failed = b, error = std::current_exception();
     }
   };
-  parallel_for(a.batch, grain, run);
+  parallel_for(a.batch, grain, run, /*chunks_per_thread=*/4);
   if (error) std::rethrow_exception(error);
 }
 

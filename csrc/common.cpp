@@ -68,7 +68,7 @@ class Pool {
         workers_.emplace_back([this] { work(); });
       queue_.push_back(&job);
     }
-    for (int64_t i = 1; i < job.chunks; ++i) wake_.notify_one();
+    for (int i = 0; i < workers_wanted; ++i) wake_.notify_one();
     // The caller works through the chunks too: with sleepy or busy workers it does them all.
     for (int64_t c = job.next.fetch_add(1); c < job.chunks; c = job.next.fetch_add(1)) job.run(c);
     {

@@ -36,13 +36,15 @@ void run_chunks(int64_t chunks, ChunkTask task);
 }  // namespace detail
 
 // Runs f(begin, end) over [0, n) split into contiguous chunks of at least `grain` items, on a
-// persistent thread pool (workers are started once, not per call).
+// persistent thread pool (workers are started once, not per call). At most
+// chunks_per_thread * threads chunks, claimed dynamically: more chunks than threads keep the
+// work balanced when a thread is slowed down (a shared machine), at the cost of more calls.
 // The split depends only on n, grain and the thread count, and every kernel computes each
 // item independently of which chunk it lands in, so results never depend on the thread count.
 // One chunk (small n) runs inline on the calling thread. Exceptions thrown by f are rethrown
 // in the caller (the one of the first failing chunk).
 template <class F>
-void parallel_for(int64_t n, int64_t grain, F&& f) {
+void parallel_for(int64_t n, int64_t grain, F&& f, int64_t chunks_per_thread = 1) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   const int64_t blocks = (n + grain - 1) / grain;
@@ -50,11 +52,13 @@ void parallel_for(int64_t n, int64_t grain, F&& f) {
     f(int64_t{0}, n);
     return;
   }
-  const int64_t chunks = std::min<int64_t>(get_num_threads(), blocks);
-  if (chunks <= 1) {
+  const int64_t threads = get_num_threads();
+  if (threads <= 1) {
     f(int64_t{0}, n);
     return;
   }
+  const int64_t chunks =
+      std::min<int64_t>(threads * std::max<int64_t>(chunks_per_thread, 1), blocks);
   using Fn = std::remove_reference_t<F>;
   struct Ctx {
     Fn* f;

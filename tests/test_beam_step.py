@@ -1,6 +1,8 @@
 """constrained_beam_step: parity with the reference, exhaustive search with wide beams, the
 tie / padding / empty-request rules of DESIGN.md section 3, and determinism."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -376,6 +378,107 @@ def test_deterministic_across_thread_counts():
         for x, y in zip(runs[0], run):
             assert torch.equal(x, y)
     assert_beam_step_close(runs[0], logits, scores, states, trie, beam_width=20, allowed=allowed)
+
+
+def _pool_case(seed=3, batch=64):
+    """A step big enough to be split over the thread pool (depth-1 beams, many candidates)."""
+    codes = clustered_codes(3000, 2, 256, clusters=300, noise=0.3, seed=10)
+    trie = sf.PrefixTrie(codes, codebook_size=256)
+    rng = np.random.default_rng(seed)
+    logits, scores, states = _inputs(trie, batch, 16, rng, ties=False, strided=True, padding=0.1)
+    states[scores > NEG] = torch.from_numpy(rng.integers(0, trie.level_range(1)[1], size=int(
+        (scores > NEG).sum())))
+    return trie, logits, scores, states
+
+
+def test_concurrent_calls_from_python_threads_match_serial_results():
+    import threading
+
+    trie, _, _, _ = _pool_case()
+    cases = [_pool_case(seed=s)[1:] for s in range(4)]
+    before = sf.get_num_threads()
+    sf.set_num_threads(3)
+    try:
+        want = [sf.constrained_beam_step(*c, trie, beam_width=20, backend="cpu") for c in cases]
+        bad = [t.clone() for t in cases[0]]
+        bad[0][40, 0, 5] = float("nan")
+        bad[1][40, 0], bad[2][40, 0] = 0.0, 0  # make sure the poisoned beam is live
+        errors, mismatches = [], []
+
+        def worker(i):
+            for _ in range(15):
+                if i == 4:  # a failing step among the others: its error stays its own
+                    try:
+                        sf.constrained_beam_step(*bad, trie, beam_width=20, backend="cpu")
+                    except ValueError as exc:
+                        errors.append(str(exc))
+                    continue
+                got = sf.constrained_beam_step(*cases[i], trie, beam_width=20, backend="cpu")
+                if not all(torch.equal(x, y) for x, y in zip(got, want[i])):
+                    mismatches.append(i)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sf.set_num_threads(before)
+    assert not mismatches
+    assert len(errors) == 15 and all("at request 40, beam 0" in e for e in errors)
+
+
+def test_pool_reports_the_smallest_failing_request():
+    trie, logits, scores, states = _pool_case()
+    logits = logits.clone()
+    for b in (57, 41, 63):
+        logits[b, 1, 3] = float("nan")
+        scores[b, 1], states[b, 1] = -1.0, 0
+    before = sf.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            sf.set_num_threads(threads)
+            with pytest.raises(ValueError, match="at request 41, beam 1, index 3"):
+                sf.constrained_beam_step(logits, scores, states, trie, beam_width=20,
+                                         backend="cpu")
+    finally:
+        sf.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_threaded_step_works_in_a_forked_child():
+    trie, logits, scores, states = _pool_case()
+    before = sf.get_num_threads()
+    sf.set_num_threads(2)
+    try:
+        want = sf.constrained_beam_step(logits, scores, states, trie, beam_width=20)  # pool up
+        pid = os.fork()
+        if pid == 0:  # child: the parent's workers do not exist here
+            code = 1
+            try:
+                got = sf.constrained_beam_step(logits, scores, states, trie, beam_width=20)
+                code = 0 if all(torch.equal(x, y) for x, y in zip(got, want)) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        sf.set_num_threads(before)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_fast_path_layouts_give_the_general_path_results():
+    trie, logits, scores, states = _pool_case(batch=8)
+    want = sf.constrained_beam_step(logits.contiguous(), scores, states, trie, beam_width=7,
+                                    backend="reference")
+    for lg, sc, stt in [
+        (logits, scores, states),
+        (logits, scores.t().contiguous().t(), states.t().contiguous().t()),  # column-major
+        (logits.transpose(0, 1).contiguous().transpose(0, 1), scores, states),
+        (logits.transpose(1, 2).contiguous().transpose(1, 2), scores, states),  # strided rows
+    ]:
+        got = sf.constrained_beam_step(lg, sc, stt, trie, beam_width=7)
+        assert_beam_step_close(got, logits, scores, states, trie, beam_width=7)
+        assert torch.equal(got.parent, want.parent) and torch.equal(got.token, want.token)
 
 
 # --------------------------------------------------------------------------- bad input
