@@ -184,7 +184,8 @@ def _cmd_recommend(args) -> int:
         raise ValueError("give exactly one of --user ID or --history TITLE [TITLE ...]")
     recs = pipeline.recommend_for(args.run, cfg, user=args.user, history_titles=args.history,
                                   task=args.task, instruction=args.instruction,
-                                  variant=args.variant, top_n=args.top_n)
+                                  variant=args.variant, top_n=args.top_n,
+                                  exclude_seen=not args.include_seen)
     for rank, (title, score) in enumerate(recs, 1):
         print(f"{rank:3d}. {score:8.3f}  {title}")
     return 0
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--instruction", default=None, help="free-form instruction text")
     c.add_argument("--variant", default="sigma", choices=VARIANTS)
     c.add_argument("--top-n", type=int, default=10)
+    c.add_argument("--include-seen", action="store_true",
+                   help="allow items of the history in the results (default: excluded)")
     cf = sub.add_parser("config", help="print every setting with its default (TOML)")
     cf.set_defaults(func=_cmd_config)
     bn = sub.add_parser("bench", help="run the benchmarks (source checkout)",

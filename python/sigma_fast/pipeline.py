@@ -422,9 +422,11 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
 
 # ------------------------------------------------------------------------------ recommend
 def recommend_for(run_dir, cfg: dict, *, user=None, history_titles=None, task="JustForYou",
-                  instruction=None, variant="sigma", top_n=10) -> list[tuple[str, float]]:
+                  instruction=None, variant="sigma", top_n=10, exclude_seen: bool = True
+                  ) -> list[tuple[str, float]]:
     """Ranked (title, score) for a dataset user (their full sequence as history) or a list of
-    titles, under one of the seven tasks' instructions or a free-form ``instruction``."""
+    titles, under one of the seven tasks' instructions or a free-form ``instruction``. With
+    ``exclude_seen`` the history's items are never recommended."""
     from .data.tasks import HISTORY_PLACEHOLDER, TASKS, TaskSample, build_task_samples
     from .generate import recommend
 
@@ -466,6 +468,9 @@ def recommend_for(run_dir, cfg: dict, *, user=None, history_titles=None, task="J
 
         text = instruction or TEMPLATES[task][0]
         prompt = f"{head}{HISTORY_PLACEHOLDER}. {text}"
+    if exclude_seen:
+        pool = np.arange(ds.num_items) if allowed is None else np.asarray(allowed)
+        allowed = np.setdiff1d(pool, np.asarray(history)).astype(np.int32)
     sample = TaskSample(task, "test", -1, -1, prompt, np.asarray(history), -1, allowed, 0)
     model = load_variant(run_dir, variant)
     out = recommend(model, [sample], top_n=top_n, num_beams=cfg["eval"]["num_beams"],
