@@ -73,15 +73,15 @@ DEFAULTS: dict[str, dict] = {
         "hard_negatives": 16,       # same-prefix negatives per sample
     },
     "train": {
-        "steps": 600,
+        "steps": 1500,
         "batch_size": 32,
         "grad_accum": 1,
         "lr": 2e-3,
         "weight_decay": 0.01,
         "warmup": 0.05,
-        "eval_every": 200,
+        "eval_every": 500,
         "eval_samples": 200,
-        "save_every": 200,
+        "save_every": 500,
         "seed": 0,
         "variants": ["sigma"],      # which variants `train` trains
     },
