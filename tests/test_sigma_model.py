@@ -25,13 +25,12 @@ def setup(tmp_path_factory):
 
 def _models(setup, mode):
     from sigma_fast.model import SigmaModel
-    from sigma_fast.tokenization import HybridItemTokenizer
 
     ds, base, _, _ = setup
     if mode == "sigma":
         return base
-    items = HybridItemTokenizer(3, 6, 1)
-    items.rq, items.codes, items.tables = base.items.rq, base.items.codes, base.items.tables
+    items = base.items.variant()
+    assert items.codes is base.items.codes and items.proj_fuse is None
     return SigmaModel.from_preset("tiny", items, mode=mode, hidden_size=32, max_history=6)
 
 

@@ -154,6 +154,17 @@ class HybridItemTokenizer:
         self.proj_fuse = None
         return self
 
+    def variant(self, prefix_len: int | None = None) -> "HybridItemTokenizer":
+        """A tokenizer sharing this one's fitted codes and item tables (no refit), with its own
+        prefix length, vocabulary ids and (unbuilt) Proj&Fuse: for a second model over the same
+        semantic IDs (e.g. GR(SID) next to SIGMA)."""
+        codes = self._require_fitted()
+        tok = HybridItemTokenizer(self.num_levels, self.codebook_size,
+                                  self.prefix_len if prefix_len is None else prefix_len,
+                                  beam_width=self.beam_width, iters=self.iters)
+        tok.rq, tok.codes, tok.tables = self.rq, codes, dict(self.tables)
+        return tok
+
     def _require_fitted(self) -> np.ndarray:
         if self.codes is None or self.rq is None:
             raise RuntimeError("HybridItemTokenizer is not fitted: call fit() or load()")
