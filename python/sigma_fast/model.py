@@ -27,8 +27,6 @@ Modes (the variants of the evaluation):
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from ._io import (atomic_directory, atomic_save_tensors, atomic_write_json, load_tensors,
+                  read_artifact_config)
 from .tokenization import HybridItemTokenizer
 
 __all__ = ["SigmaConfig", "SigmaModel", "EncodedSample", "MODES", "PRESETS",
@@ -428,9 +427,7 @@ class SigmaModel(nn.Module):
         and ``sigma_model.json``). The directory is assembled beside the target and renamed
         into place, so a reader never sees a half-written model."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             with _quiet_hf():
                 self.backbone.save_pretrained(tmp / BACKBONE_DIR)
             self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
@@ -442,16 +439,6 @@ class SigmaModel(nn.Module):
             atomic_write_json(tmp / CONFIG_FILE, {"format": "sigma_fast.SigmaModel",
                                                   "format_version": FORMAT_VERSION,
                                                   **asdict(self.config)})
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

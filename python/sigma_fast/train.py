@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write_json
+from ._io import atomic_directory, atomic_write_json
 
 __all__ = ["TrainConfig", "train_sigma", "hit_rate"]
 
@@ -116,9 +114,7 @@ def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, hist
                      config: TrainConfig) -> Path:
     """Replace ``out_dir/checkpoint`` atomically (assembled in a temporary sibling)."""
     final = out_dir / CHECKPOINT_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out_dir))
-    try:
+    with atomic_directory(final) as tmp:
         model.save_pretrained(tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "history": history, "config": asdict(config),
@@ -126,16 +122,6 @@ def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, hist
                    tmp / STATE_FILE)
         atomic_write_json(tmp / "progress.json", {"step": step, "steps": config.steps,
                                                   "history": history})
-        old = None
-        if final.exists():
-            old = out_dir / f".checkpoint.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
