@@ -117,9 +117,9 @@ def test_sigma_latency(benchmark, setup, record, provider):
                 length_penalty=0.0, prefix_allowed_tokens_fn=fn,
                 pad_token_id=sigma.tokenizer.pad_token_id)
     elif provider == GR_SID:
-        trie = sf.PrefixTrie(gr_sid.codes.numpy())
-        vocab = SIDVocab([int(t[0]) for t in gr_sid.sid_token_ids],
-                         max(len(t) for t in gr_sid.sid_token_ids))
+        size = len(gr_sid.sid_token_ids[0])
+        trie = sf.PrefixTrie(gr_sid.codes.numpy(), codebook_size=size)
+        vocab = SIDVocab([int(t[0]) for t in gr_sid.sid_token_ids], size)
 
         def one(s):
             ids, mask, emb = _prompt(sigma, s)

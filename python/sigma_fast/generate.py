@@ -104,13 +104,14 @@ class Recommender:
         self.backend = backend
         dev = model.device
         codes = model.codes
-        self.trie = PrefixTrie(codes.numpy())
         ids = model.sid_token_ids
         for level, t in enumerate(ids):
-            if not torch.equal(t, t[0] + torch.arange(len(t))):
-                raise ValueError(f"the SID tokens of level {level} are not consecutive vocabulary "
-                                 f"ids; rebuild the tokenizer with extend_tokenizer")
-        self.vocab = SIDVocab([int(t[0]) for t in ids], max(len(t) for t in ids))
+            if len(t) != len(ids[0]) or not torch.equal(t, t[0] + torch.arange(len(t))):
+                raise ValueError(f"the SID tokens of level {level} are not {len(ids[0])} "
+                                 f"consecutive vocabulary ids; rebuild the tokenizer with "
+                                 f"extend_tokenizer")
+        self.vocab = SIDVocab([int(t[0]) for t in ids], len(ids[0]))
+        self.trie = PrefixTrie(codes.numpy(), codebook_size=len(ids[0]))
         with torch.no_grad():
             v = torch.nn.functional.normalize(model.item_embeddings().float(), dim=-1)
         self.item_vectors = v.to(dev)  # [N, H], unit rows

@@ -208,16 +208,18 @@ class HybridItemTokenizer:
 
     # ---------------------------------------------------------------------- vocabulary
     def level_sizes(self, levels: int | None = None) -> list[int]:
-        """Vocabulary size of each of the first ``levels`` SID levels (default prefix_len);
-        level L (the dedup level of :meth:`full_codes`) has ``max suffix + 1`` tokens."""
+        """Vocabulary size of each of the first ``levels`` SID levels (default prefix_len).
+        Every level has the same size S, so that code c of level l is token ``offset_l + c``
+        with one code range (``SIDVocab``): S = K, or for ``num_levels + 1`` levels (the
+        dedup level of :meth:`full_codes`) max(K, max suffix + 1)."""
         codes = self._require_fitted()
         levels = self.prefix_len if levels is None else int(levels)
         if not 1 <= levels <= self.num_levels + 1:
             raise ValueError(f"levels must be in [1, {self.num_levels + 1}]; got {levels}")
-        sizes = [self.codebook_size] * min(levels, self.num_levels)
+        size = self.codebook_size
         if levels == self.num_levels + 1:
-            sizes.append(dedup_codes(codes)[1] + 1)
-        return sizes
+            size = max(size, dedup_codes(codes)[1] + 1)
+        return [size] * levels
 
     def sid_tokens(self, levels: int | None = None) -> list[list[str]]:
         """Token strings per level, e.g. ``[["<a_0>", ..., "<a_K-1>"]]`` for ℓ = 1."""
