@@ -141,3 +141,14 @@ def test_ddp_two_cpu_processes(tmp_path):
         changed += not torch.equal(a[k], init[k])
     assert changed > 0
     assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()   # rank 0 saved
+
+
+def test_resume_rejects_a_checkpoint_of_another_model(tmp_path):
+    from sigma_fast.train import TrainConfig, train_sigma
+
+    _, m, train, _ = _fresh(tmp_path / "a")
+    cfg = TrainConfig(steps=1, batch_size=4, eval_every=0)
+    train_sigma(m, train, out_dir=tmp_path / "run", progress=False, config=cfg)
+    _, other, _, _ = _fresh(tmp_path / "b", mode="gr_sid")   # a larger vocabulary
+    with pytest.raises(ValueError, match="does not match this model"):
+        train_sigma(other, train, out_dir=tmp_path / "run", progress=False, config=cfg)

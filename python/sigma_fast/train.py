@@ -154,7 +154,13 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
                              f"{state['config']['steps']}, batch_size="
                              f"{state['config']['batch_size']}; got {config.steps}, "
                              f"{config.batch_size} (use a new out_dir or resume=False)")
-        model.load_state_dict(state["model_state"])
+        try:
+            model.load_state_dict(state["model_state"])
+        except RuntimeError as exc:
+            raise ValueError(f"{state_path}: the checkpoint does not match this model (a "
+                             f"different backbone, vocabulary or variant?); delete "
+                             f"{out_dir / CHECKPOINT_DIR} or pass resume=False. Details: "
+                             f"{str(exc)[:300]}") from exc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = int(state["step"]), list(state["history"])
