@@ -493,16 +493,21 @@ def demo(run_dir, cfg: dict, *, progress=None) -> dict:
     train(run_dir, cfg, variants, progress=progress)
     results = evaluate(run_dir, cfg, progress=progress)
     ds = _dataset(cfg)
-    _say("\n[recommend] sample recommendations (sigma):")
-    for user, task in ((ds.user_ids[0], "JustForYou"), (ds.user_ids[1], "Category"),
-                       (ds.user_ids[2], "Longtail")):
-        try:
-            recs = recommend_for(run_dir, cfg, user=user, task=task, top_n=5)
-        except ValueError as exc:
-            _say(f"  user {user}, {task}: {exc}")
+    from .data import build_task_samples
+    from .data.tasks import HISTORY_PLACEHOLDER
+
+    _say("\n[recommend] sample recommendations (sigma; the user's history excluded):")
+    test = build_task_samples(ds, "test", seed=cfg["data"]["seed"])
+    for task in ("JustForYou", "Category", "Longtail", "Discover"):
+        sample = next((x for x in test if x.task == task), None)
+        if sample is None:
             continue
-        hist = [ds.item_titles[i] for i in ds.sequence(ds.user_ids.index(user))[-3:]]
-        _say(f"  user {user} ({task}); recently: {'; '.join(hist)}")
+        user = ds.user_ids[sample.user]
+        recs = recommend_for(run_dir, cfg, user=user, task=task, top_n=5)
+        hist = [ds.item_titles[i] for i in ds.sequence(sample.user)[-3:]]
+        instruction = sample.prompt.split(HISTORY_PLACEHOLDER)[-1].lstrip(". ")
+        _say(f"  user {user}, {task}: \"{instruction}\"")
+        _say(f"    recently: {'; '.join(hist)}")
         for title, score in recs:
             _say(f"      {score:8.3f}  {title}")
     _say(f"\n[demo] finished in {time.perf_counter() - t0:.0f} s; artifacts in {run_dir}")
