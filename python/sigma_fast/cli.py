@@ -28,7 +28,7 @@ def _cmd_rq_demo(args) -> int:
     import numpy as np
 
     from . import ResidualQuantizer, backends, dedup_codes, rq_encode
-    from ._io import atomic_write_json
+    from ._io import atomic_save_npy, atomic_write_json
     from .data.recbole import dataset_dir, item_texts, read_atomic_file
     from .data.text import encode_texts
 
@@ -48,10 +48,7 @@ def _cmd_rq_demo(args) -> int:
     else:
         t = time.perf_counter()
         emb = encode_texts(texts, encoder=args.encoder)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, emb)
-        tmp.replace(cache)
+        atomic_save_npy(cache, emb)
         print(f"[2/5] encoded {len(texts)} texts with {args.encoder} in "
               f"{time.perf_counter() - t:.1f} s -> {emb.shape}")
 

@@ -211,6 +211,9 @@ class SigmaModel(nn.Module):
         self.item_token_id = int(items.token_ids["item"])
         self.codes = torch.from_numpy(items.full_codes() if self.config.mode == "gr_sid"
                                       else items.prefix_codes())  # [N, levels]
+        # token ids of every item's SID (prefix) codes, looked up once for prompt encoding
+        self._item_sids: list[list[int]] = torch.stack(
+            [ids[self.codes[:, l]] for l, ids in enumerate(self.sid_token_ids)], 1).tolist()
         self._bucket_cache = None
         self._text_cache: dict[str, tuple[int, ...]] = {}
 
@@ -244,10 +247,9 @@ class SigmaModel(nn.Module):
 
     def _item_tokens(self, item: int) -> tuple[list[int], bool]:
         """Token ids of one history item and whether its last token is an ``<item>`` slot."""
-        codes = self.codes[item].tolist()
-        sid = [int(self.sid_token_ids[l][c]) for l, c in enumerate(codes)]
+        sid = self._item_sids[item]
         if self.config.mode == "gr_sid":
-            return sid, False
+            return list(sid), False
         if self.config.mode == "gr_id":
             return [self.item_token_id], True
         return sid + [self.item_token_id], True
@@ -284,7 +286,7 @@ class SigmaModel(nn.Module):
                                  f"{self.num_items})")
             if self.config.mode != "gr_id":
                 label_codes = self.codes[target].tolist()
-                ids += [int(self.sid_token_ids[l][c]) for l, c in enumerate(label_codes)]
+                ids += self._item_sids[target]
             if self.config.mode != "gr_sid":
                 ids.append(self.query_token_id)
         return EncodedSample(ids, slots, items, label_start, label_codes, target)

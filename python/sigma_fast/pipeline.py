@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_bytes, atomic_write_json
+from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json
 
 __all__ = ["DEFAULTS", "VARIANTS", "BASELINES", "load_config", "write_config", "prepare",
            "ground", "tokenize", "train", "evaluate", "recommend_for", "demo"]
@@ -227,14 +227,6 @@ def prepare(run_dir, cfg: dict) -> dict:
     return summary
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def ground(run_dir, cfg: dict, *, progress=None) -> dict:
     """Text features → multi-view grounding (BPR teacher, L_CL + λ·L_KD) → agreement report."""
     from .data.grounding_data import ground_dataset
@@ -255,9 +247,9 @@ def ground(run_dir, cfg: dict, *, progress=None) -> dict:
                          id_dim=g["id_dim"], id_epochs=g["id_epochs"], seed=g["seed"],
                          progress=progress)
     feats = res.text_features if res.text_features is not None else features
-    _save_npy(out / "grounded.npy", res.grounded.astype(np.float32))
-    _save_npy(out / "id_embeddings.npy", res.id_embeddings.astype(np.float32))
-    _save_npy(out / "text_features.npy", feats.astype(np.float32))
+    atomic_save_npy(out / "grounded.npy", res.grounded.astype(np.float32))
+    atomic_save_npy(out / "id_embeddings.npy", res.id_embeddings.astype(np.float32))
+    atomic_save_npy(out / "text_features.npy", feats.astype(np.float32))
     report = {"k": res.k, "recall": res.agreement}
     atomic_write_json(out / "agreement.json", report)
     _say(f"[ground] grounded in {time.perf_counter() - t:.1f} s; held-out co-interaction "

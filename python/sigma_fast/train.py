@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ._io import atomic_directory, atomic_write_json
@@ -227,7 +226,3 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
     model.eval()
     return history
 
-
-def seed_everything(seed: int) -> None:
-    np.random.seed(seed)
-    torch.manual_seed(seed)
