@@ -295,6 +295,30 @@ def test_return_cache_continues_every_beam(model, trie):
             torch.testing.assert_close(out.logits[b * 3 + w, -1], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_return_cache_prompt_is_the_prompts_own_cache(model, trie, levels):
+    """return_cache="prompt" hands back one cache row per request holding the prompt alone
+    (the beams' tokens cropped away): a token fed at position_ids continues the prompt."""
+    ids, mask, rows = _prompts()
+    res = sf.constrained_beam_search(model, ids, mask, trie, token_offsets=OFFSETS,
+                                     beam_width=3, num_levels=levels, return_cache="prompt")
+    assert res.next_token_ids is None and torch.equal(res.attention_mask, mask)
+    assert res.past_key_values.get_seq_length() == ids.shape[1]
+    token = torch.tensor([[OFFSETS[0] + 1]] * len(rows))
+    am = torch.cat([mask, mask.new_ones((len(rows), 1))], 1)
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    with torch.no_grad():
+        out = model(input_ids=token, attention_mask=am, position_ids=res.position_ids[:, None],
+                    use_cache=True, **{cache_kw: res.past_key_values})
+        for b, prompt in enumerate(rows):
+            ref = model(input_ids=torch.cat([prompt, token[b]])[None]).logits[0, -1]
+            torch.testing.assert_close(out.logits[b, -1], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="return_cache must be"):
+        sf.constrained_beam_search(model, ids, mask, trie, token_offsets=OFFSETS,
+                                   beam_width=3, return_cache="all")
+
+
 # ---------------------------------------------------------------------- allowed subsets
 
 

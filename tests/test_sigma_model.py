@@ -120,22 +120,33 @@ def test_generation_returns_only_allowed_unique_items(setup, mode):
     assert (out.item_ids[:, 0] >= 0).all()
 
 
-def test_three_step_queries_equal_an_uncached_forward(setup):
-    """Step 2 continues the beams' KV cache: its <q> states equal a plain forward of
-    prompt + <prefix_k> + <q> from scratch."""
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-cache", "per-beam-cache"])
+@pytest.mark.parametrize("prefix_len", [1, 2])
+def test_three_step_queries_equal_an_uncached_forward(setup, shared, prefix_len):
+    """Step 2 continues the prompt's KV cache (packed blocks with a block-diagonal mask, or a
+    per-beam copy of the cache): its <q> states equal a plain forward of
+    prompt + <prefix_k> + <q> from scratch, whatever the padding of the batch."""
     from sigma_fast.generate import Recommender
+    from sigma_fast.model import SigmaModel
 
     _, model, _, test = setup
-    reqs = test[:3]
-    out = Recommender(model, num_beams=3, top_m=5, batch_size=3)(reqs, top_n=5)
+    if prefix_len != 1:
+        model = SigmaModel.from_preset("tiny", model.items.variant(prefix_len=prefix_len),
+                                       hidden_size=32, max_history=6)
+    reqs = [test[0], test[1], next(s for s in test if len(s.history) < len(test[0].history))]
+    rec = Recommender(model, num_beams=3, top_m=5, batch_size=3)
+    rec._shared_step2 = shared
+    out = rec(reqs, top_n=5)
+    assert out.prefixes.shape == (3, 3, prefix_len)
     with torch.no_grad():
         for b, s in enumerate(reqs):
             for k in range(3):
                 if not torch.isfinite(out.prefix_scores[b, k]):
                     continue
                 e = model.encode(s, with_label=False)
-                code = int(out.prefixes[b, k, 0])
-                e.input_ids += [int(model.sid_token_ids[0][code]), model.query_token_id]
+                e.input_ids += [int(model.sid_token_ids[lv][int(c)])
+                                for lv, c in enumerate(out.prefixes[b, k])]
+                e.input_ids.append(model.query_token_id)
                 batch = model.collate([e])
                 h = model._hidden(batch)[0, -1]
                 q = model.query_embeddings(h)

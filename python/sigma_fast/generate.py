@@ -5,8 +5,11 @@ SIGMA (mode "sigma"), per batch of requests:
 1. the prompt is prefilled once; a trie-constrained beam search over the SID prefixes keeps the
    K best prefixes of each request (only prefixes with an item the request allows), with their
    beam log-probabilities φ (``constrained_beam_search(..., return_cache=True)``);
-2. one forward over the K rows ``<prefix_k><q>`` per request, continuing the beams' KV cache
-   (the prompt is never re-read), gives the ``<q>`` states h_k, projected into the item space;
+2. one forward over the K rows ``<prefix_k><q>`` per request on the prompt's KV cache gives the
+   ``<q>`` states h_k, projected into the item space: the K rows are packed into one sequence
+   of K blocks whose attention mask lets each block see the prompt and itself only, so the
+   prompt is neither re-read nor its cache copied per beam (attention implementations that
+   cannot take such a mask, e.g. flash attention, continue a per-beam copy of the cache);
 3. ``apf_fuse``: the top M items of each prefix bucket by cosine similarity, fused across the K
    prefixes by adaptive probabilistic fusion (``adaptive=False``: fixed temperature, the "without
    APF" ablation), restricted to the request's allowed items → the top N unique items.
@@ -121,6 +124,9 @@ class Recommender:
             if dev.type != "cpu":
                 self.index = self.index.to(dev)
         self._cache_kw = _cache_kwarg(model.backbone.base_model)
+        # Step 2 on the shared prompt cache needs a custom 4-D (additive) attention mask.
+        attn = getattr(model.backbone.config, "_attn_implementation", None) or "eager"
+        self._shared_step2 = attn in ("eager", "sdpa")
 
     # ----------------------------------------------------------------------------------
     def __call__(self, samples, *, top_n: int = 20, progress: bool | None = None
@@ -192,23 +198,19 @@ class Recommender:
             return Recommendations(res.item_ids[:, :top_n].cpu(),
                                    res.scores[:, :top_n].float().cpu())
 
-        # SIGMA: step 1, prefix beam search, keeping the cache of every beam.
+        # SIGMA: step 1, prefix beam search; step 2, <prefix_k><q> for the K beams.
         k = self.num_beams
         res = constrained_beam_search(model.backbone, ids, mask, self.trie,
                                       token_offsets=self.vocab, beam_width=k, allowed=allowed,
-                                      on_empty="pad", inputs_embeds=emb, return_cache=True,
+                                      on_empty="pad", inputs_embeds=emb,
+                                      return_cache="prompt" if self._shared_step2 else "beams",
                                       backend=self.backend)
-        # Step 2: <prefix_k><q> for the B*K beams, continuing their cache.
-        rows = res.next_token_ids.shape[0]
-        step_ids = torch.stack([res.next_token_ids,
-                                torch.full_like(res.next_token_ids, model.query_token_id)], 1)
-        step_mask = torch.cat([res.attention_mask, res.attention_mask.new_ones((rows, 2))], 1)
-        step_pos = torch.stack([res.position_ids, res.position_ids + 1], 1)
-        out = model.backbone.base_model(input_ids=step_ids, attention_mask=step_mask,
-                                        position_ids=step_pos, use_cache=True,
-                                        **{self._cache_kw: res.past_key_values})
-        h = model.query_embeddings(out.last_hidden_state[:, -1]).float()
         b = ids.shape[0]
+        if self._shared_step2:
+            h = self._query_states_shared(res)
+        else:
+            h = self._query_states_per_beam(res)
+        h = model.query_embeddings(h.reshape(b * k, -1)).float()
         queries = h.reshape(b, k, -1)
         # Step 3: in-bucket retrieval + adaptive probabilistic fusion.
         scores = res.scores.float()
@@ -223,6 +225,48 @@ class Recommender:
                                       allowed=allowed, backend=self.backend)
         return Recommendations(item_ids.cpu(), log_p.cpu(), res.codes.cpu(),
                                res.scores.float().cpu(), h.reshape(b, k, -1).cpu())
+
+    def _query_states_shared(self, res) -> torch.Tensor:
+        """Hidden states at ``<q>`` [B, K, hidden] for every beam's ``<prefix><q>``: one
+        sequence per request of K blocks ``c_1 .. c_l <q>`` on the prompt's cache; a block sees
+        the prompt and its own earlier tokens only, and restarts at the position after the
+        prompt, so each block's states equal those of the prompt followed by that block."""
+        model = self.model
+        b, k, levels = res.codes.shape
+        m = levels + 1
+        n = k * m
+        dev = res.codes.device
+        offsets = torch.tensor(self.vocab.token_offsets[:levels], device=dev)
+        tokens = torch.cat([res.codes.clamp(min=0) + offsets,  # padding beams: code 0
+                            torch.full((b, k, 1), model.query_token_id, device=dev)], 2)
+        t = res.attention_mask.shape[1]
+        within = torch.arange(n, device=dev) % m
+        block = torch.arange(n, device=dev) // m
+        own = (block[:, None] == block[None, :]) & (within[:, None] >= within[None, :])
+        see = torch.cat([res.attention_mask.bool()[:, None, :].expand(b, n, t),
+                         own.expand(b, n, n)], 2)
+        dtype = model.backbone.get_input_embeddings().weight.dtype
+        mask = torch.zeros(see.shape, dtype=dtype, device=dev)
+        mask = mask.masked_fill(~see, torch.finfo(dtype).min)[:, None]  # [B, 1, n, t + n]
+        out = model.backbone.base_model(input_ids=tokens.reshape(b, n), attention_mask=mask,
+                                        position_ids=res.position_ids[:, None] + within,
+                                        use_cache=True,
+                                        **{self._cache_kw: res.past_key_values})
+        return out.last_hidden_state[:, m - 1::m]
+
+    def _query_states_per_beam(self, res) -> torch.Tensor:
+        """The same states from the per-beam cache: feed ``<c_l><q>`` to each of the B*K
+        rows."""
+        model = self.model
+        rows = res.next_token_ids.shape[0]
+        step_ids = torch.stack([res.next_token_ids,
+                                torch.full_like(res.next_token_ids, model.query_token_id)], 1)
+        step_mask = torch.cat([res.attention_mask, res.attention_mask.new_ones((rows, 2))], 1)
+        step_pos = torch.stack([res.position_ids, res.position_ids + 1], 1)
+        out = model.backbone.base_model(input_ids=step_ids, attention_mask=step_mask,
+                                        position_ids=step_pos, use_cache=True,
+                                        **{self._cache_kw: res.past_key_values})
+        return out.last_hidden_state[:, -1]
 
 
 def recommend(model, samples, *, top_n: int = 20, progress: bool | None = None,

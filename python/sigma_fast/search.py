@@ -174,11 +174,16 @@ class SearchResult:
             allows; -1 for padding. Several items can share a full code; all of them are
             returned by ``beam_items(b, w)``. None for a prefix-only search.
         past_key_values, attention_mask, position_ids, next_token_ids: only with
-            ``return_cache=True``: the model's cache for the B*W beams (row b*W + w) holding the
-            prompt and the first l - 1 chosen tokens, the matching attention mask
-            [B*W, T + l - 1], the position id the next fed token must use [B*W], and the
-            vocabulary id of each beam's last code [B*W] (not yet fed). Feeding
+            ``return_cache=True`` (or "beams"): the model's cache for the B*W beams (row
+            b*W + w) holding the prompt and the first l - 1 chosen tokens, the matching
+            attention mask [B*W, T + l - 1], the position id the next fed token must use
+            [B*W], and the vocabulary id of each beam's last code [B*W] (not yet fed). Feeding
             ``next_token_ids`` (then e.g. a query token) continues every beam.
+            With ``return_cache="prompt"``: the cache of the B prompts alone (nothing of the
+            beams), their attention mask [B, T] and the position id of the first token after
+            each prompt [B]; ``next_token_ids`` is None. Continuing all W beams of a request
+            from it takes one sequence of W blocks with a block-diagonal attention mask (what
+            three-step generation does), so the prompt's cache is never copied per beam.
         num_forward_calls: model forward passes made (1 prefill + l - 1 steps).
     """
 
@@ -344,8 +349,9 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
         on_empty: a request with no valid continuation raises ValueError naming it ("error")
             or gets padding beams ("pad").
         backend: the constrained step's backend (None = fastest for the device).
-        return_cache: also return the KV cache and positions to continue every beam (see
-            ``SearchResult``).
+        return_cache: False; True or "beams": also return the KV cache and positions to
+            continue every beam, the prompt's cache copied to each beam; "prompt": return the
+            prompts' own cache instead (see ``SearchResult``).
         narrow_head: unless normalize="vocab", the model's LM head (a plain ``nn.Linear``)
             is swapped during the call for a view of its code rows only, so each step streams
             ~L*K rows of the head instead of the whole vocabulary (about 20% of a
@@ -401,6 +407,10 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
         on_trie = item_mask.device.type == "cpu" or item_mask.device == device
         allowed_nodes = trie_d.allowed_nodes(item_mask if on_trie else item_mask.cpu())
     step_norm = "none" if normalize == "vocab" else normalize
+    if return_cache not in (False, True, "beams", "prompt"):
+        raise ValueError(f"return_cache must be False, True, 'beams' or 'prompt'; got "
+                         f"{return_cache!r}")
+    per_beam = return_cache in (True, "beams")
 
     accepts = _forward_kwargs(model)
     pos_kw = "position_ids" in accepts or "kwargs" in accepts
@@ -469,7 +479,7 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
                                step.token[..., None]], dim=2)
             codes = codes.masked_fill((step.parent < 0)[..., None], -1)
             scores, states = step.scores, step.states
-            if level < levels - 1 or return_cache:
+            if level < levels - 1 or per_beam:
                 # Level 0 expands the B prefilled rows to B*W beams; later levels reorder.
                 flat = (rows[:, None] * w_in + parent).reshape(-1)
                 cache.reorder_cache(flat)
@@ -488,7 +498,14 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
     result = SearchResult(codes=codes, scores=scores, states=states, item_begin=begin,
                           item_end=end, item_ids=item_ids, num_forward_calls=calls,
                           _trie=trie_d, _item_mask=item_mask)
-    if return_cache:
+    if return_cache == "prompt":
+        if levels > 1:  # drop the beams' tokens, keep one row per request
+            cache.crop(-(levels - 1))
+            cache.batch_select_indices(rows * beam_width)
+        result.past_key_values = cache
+        result.attention_mask = mask
+        result.position_ids = lengths
+    elif per_beam:
         result.past_key_values = cache
         result.attention_mask = mask_bw
         result.position_ids = pos_bw + (levels - 1)
