@@ -337,7 +337,7 @@ def train_bpr(users, items, *, num_users: int | None = None, num_items: int | No
     q = nn.Parameter(torch.randn(ni, dim, generator=gen) * 0.1)
     opt = torch.optim.Adam([p, q], lr=lr)
     u_t, i_t = torch.from_numpy(users), torch.from_numpy(items)
-    positives = torch.from_numpy(np.unique(users * ni + items))
+    positives = torch.from_numpy(np.unique(users * ni + items))  # sorted
     m = len(users)
     steps = epochs * ((m + batch_size - 1) // batch_size)
     bar = tqdm(total=steps, desc="BPR", unit="step", leave=False,
@@ -348,7 +348,9 @@ def train_bpr(users, items, *, num_users: int | None = None, num_items: int | No
             idx = perm[start:start + batch_size]
             u, i = u_t[idx], i_t[idx]
             j = torch.randint(ni, (len(idx),), generator=gen)
-            hit = torch.isin(u * ni + j, positives)
+            key = u * ni + j  # a (user, item) pair is a positive iff its key is in the table
+            at = torch.searchsorted(positives, key).clamp(max=len(positives) - 1)
+            hit = positives[at] == key
             j = torch.where(hit, torch.randint(ni, (len(idx),), generator=gen), j)
             pu, qi, qj = p[u], q[i], q[j]
             x = (pu * (qi - qj)).sum(-1)
