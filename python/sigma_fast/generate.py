@@ -4,7 +4,7 @@ SIGMA (mode "sigma"), per batch of requests:
 
 1. the prompt is prefilled once; a trie-constrained beam search over the SID prefixes keeps the
    K best prefixes of each request (only prefixes with an item the request allows), with their
-   beam log-probabilities φ (``constrained_beam_search(..., return_cache=True)``);
+   beam log-probabilities φ (``constrained_beam_search(..., return_cache="prompt")``);
 2. one forward over the K rows ``<prefix_k><q>`` per request on the prompt's KV cache gives the
    ``<q>`` states h_k, projected into the item space: the K rows are packed into one sequence
    of K blocks whose attention mask lets each block see the prompt and itself only, so the
