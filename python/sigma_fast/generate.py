@@ -236,8 +236,7 @@ class Recommender:
         m = levels + 1
         n = k * m
         dev = res.codes.device
-        offsets = torch.tensor(self.vocab.token_offsets[:levels], device=dev)
-        tokens = torch.cat([res.codes.clamp(min=0) + offsets,  # padding beams: code 0
+        tokens = torch.cat([self.vocab.token_ids(res.codes.clamp(min=0)),  # padding: code 0
                             torch.full((b, k, 1), model.query_token_id, device=dev)], 2)
         t = res.attention_mask.shape[1]
         within = torch.arange(n, device=dev) % m
