@@ -77,7 +77,7 @@ def test_rq_encode_faiss(benchmark, data, machine, record, beam):
 
 def _torch_greedy(x, cb):
     r = x.clone()
-    codes = torch.empty((x.shape[0], cb.shape[0]), dtype=torch.int64)
+    codes = torch.empty((x.shape[0], cb.shape[0]), dtype=torch.int64, device=x.device)
     norms = (cb * cb).sum(-1)
     for level in range(cb.shape[0]):
         dist = norms[level][None, :] - 2.0 * (r @ cb[level].T)

@@ -657,3 +657,53 @@ def test_trie_built_on_cpu_searches_on_another_backend(backend):
     want = _search(trie, table, 5, allowed=allowed, backend="cpu", batch=2)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference", "cpu")))
+@pytest.mark.parametrize("allowed_kind", ["none", "per_request"])
+def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind):
+    """With on_empty="pad" the device step launches without a host sync, so it can be captured
+    once and replayed on new inputs copied into the captured tensors: every replay must give
+    the eager step's result on those inputs."""
+    rng = np.random.default_rng(21)
+    codes, trie = _trie(300, 3, 17, seed=5)
+    dev = torch.device("cuda")
+    gtrie = trie.to(dev)
+    batch, beams_in, width = 3, 6, 5
+
+    def fresh():
+        lg, sc, st_ = _inputs(trie, batch, beams_in, rng, ties=False, strided=False)
+        al = _allowed(trie, allowed_kind, batch, rng)
+        return tuple(None if t is None else t.to(dev) for t in (lg, sc, st_, al))
+
+    def step(lg, sc, st_, al):
+        return sf.constrained_beam_step(lg, sc, st_, gtrie, beam_width=width, allowed=al,
+                                        on_empty="pad", backend=backend)
+
+    static = fresh()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (Triton compiles) off the capture
+        step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*static)
+    for _ in range(3):
+        new = fresh()
+        for dst, src in zip(static, new):
+            if dst is not None:
+                dst.copy_(src)
+        graph.replay()
+        want = step(*new)
+        torch.cuda.synchronize()
+        for got_t, want_t in zip(out, want):
+            assert torch.equal(got_t, want_t)
+        lg, sc, st_, al = (None if t is None else t.cpu() for t in new)
+        assert_beam_step_close(tuple(t.cpu() for t in out), lg, sc, st_, trie,
+                               beam_width=width, allowed=al)
