@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 # Status codes (cuda/beam_step_cuda.h: BeamStepStatus).
-_OK, _EMPTY, _BAD_SCORE, _BAD_STATE, _BAD_LOGIT, _BAD_TRIE = range(6)
+_OK, _EMPTY, _BAD_SCORE, _BAD_STATE, _BAD_LOGIT, _BAD_TRIE = (tl.constexpr(c) for c in range(6))
 
 
 @triton.jit
@@ -264,6 +264,11 @@ def _beam_step_kernel(
     tl.store(status_ptr + 2 * b + 1, tl.where(has_err, err_beam, -1).to(tl.int32))
 
 
+# Candidate tiles are at least one element per thread of the launch (4 warps): the histogram
+# of a tile smaller than the launch would hold replicated elements.
+_MIN_BLOCK_C = 128
+
+
 def _pow2(n: int, cap: int | None = None) -> int:
     p = triton.next_power_of_2(max(1, int(n)))
     return p if cap is None else min(p, cap)
@@ -306,7 +311,7 @@ def constrained_beam_step(logits, beam_scores, states, child_offsets, child_toke
             cand, lo, sel_s, sel_i,
             w_in, k, beam_width, child_offsets.shape[0] - 1, child_tokens.shape[0],
             HAS_ALLOWED=allowed is not None, NORM=int(normalize),
-            BLOCK_W=_pow2(w_in, 16), BLOCK_K=_pow2(k, 128), BLOCK_C=_pow2(w_in * k, 1024),
+            BLOCK_W=_pow2(w_in, 16), BLOCK_K=_pow2(k, 128), BLOCK_C=max(_MIN_BLOCK_C, _pow2(w_in * k, 1024)),
             BLOCK_OUT=block_out, BLOCK_J=min(block_out, 64),
         )
     return (scores, parent, token, nxt), status
