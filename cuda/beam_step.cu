@@ -34,7 +34,7 @@
 namespace sigma_fast {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kAlign = 256;
@@ -198,11 +198,15 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int64_t warp_sums[kWarps];
   __shared__ int warp_counts[kWarps];
   __shared__ unsigned long long first_error;  // (beam << 8) | code of the first failing beam
-  __shared__ unsigned sh_bin, sh_count;
+  __shared__ unsigned sh_bin, sh_count, sh_bin_count;
   __shared__ int64_t sh_rank;
+  __shared__ int sh_kept;
 
   for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
-  if (tid == 0) first_error = kNoError;
+  if (tid == 0) {
+    first_error = kNoError;
+    sh_kept = 0;
+  }
   __syncthreads();
 
   // 1. One warp per beam: checks and log-sum-exp. Every branch below depends only on values
@@ -307,26 +311,35 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) start[win] = total;
   __syncthreads();
 
-  // 3. Score every candidate once; histogram the top byte of the valid ones' keys.
-  for (int64_t c = tid; c < total; c += kThreads) {
-    const int64_t w = beam_of(start, win, c);
-    const int64_t e = beam_lo[w] + (c - start[w]);
-    float s = -CUDART_INF_F;
-    if (!allowed || allowed[a.child_nodes[e]]) {
-      const float x = logits[w * a.ld_w + a.child_tokens[e]];
-      s = normalized ? __fadd_rn(beam_bs[w], __fsub_rn(x, beam_lse[w]))
-                     : __fadd_rn(beam_bs[w], x);
+  // 3. Score every candidate once (one warp per beam, its children across the lanes);
+  // histogram the top byte of the valid ones' keys.
+  for (int64_t w = warp; w < win; w += kWarps) {
+    const int64_t cw = beam_cnt[w];  // 0 for padding, failing and candidate-less beams
+    if (cw == 0) continue;
+    const int64_t lo = beam_lo[w], first = start[w];
+    const float bs = beam_bs[w], lse = beam_lse[w];
+    const float* row = logits + w * a.ld_w;
+    for (int64_t j = lane; j < cw; j += 32) {
+      const int64_t e = lo + j;
+      float s = -CUDART_INF_F;
+      if (!allowed || allowed[a.child_nodes[e]]) {
+        const float x = row[a.child_tokens[e]];
+        s = normalized ? __fadd_rn(bs, __fsub_rn(x, lse)) : __fadd_rn(bs, x);
+      }
+      cand[first + j] = s;
+      if (s > -CUDART_INF_F) atomicAdd(&hist[desc_key(s) >> 24], 1u);
     }
-    cand[c] = s;
-    if (s > -CUDART_INF_F) atomicAdd(&hist[desc_key(s) >> 24], 1u);
   }
   __syncthreads();
 
-  // 4. Radix select: after the passes, key `thr` is the W-th best and `need_eq` of the
-  // candidates with that key are kept (the first ones in candidate order).
-  uint32_t thr = 0xffffffffu, mask = 0;
+  // 4. Radix select over the keys' bytes, most significant first: after a pass, `thr` holds
+  // the bytes (under `mask`) of the W-th best key, and `need_eq` of the candidates whose masked
+  // key equals thr are kept (the first ones in candidate order). It stops early when every
+  // valid candidate is kept (take_all) or when all of the matching bin's candidates are kept
+  // (all_eq): then no order among them is needed.
+  uint32_t thr = 0, mask = 0;
   int64_t need_eq = W;
-  bool take_all = false;
+  bool take_all = false, all_eq = false;
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
     if (pass > 0) {
@@ -356,6 +369,7 @@ __global__ void __launch_bounds__(kThreads)
           const unsigned h = hist[lane * 8 + j];
           if (need_eq <= static_cast<int64_t>(before + h)) {
             sh_bin = lane * 8 + j;
+            sh_bin_count = h;
             sh_rank = need_eq - before;
             break;
           }
@@ -368,42 +382,55 @@ __global__ void __launch_bounds__(kThreads)
       take_all = true;
       break;
     }
-    thr = (pass == 0 ? 0u : thr) | (sh_bin << shift);
+    thr |= sh_bin << shift;
     mask |= 0xffu << shift;
     need_eq = sh_rank;
+    all_eq = need_eq == static_cast<int64_t>(sh_bin_count);
     for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
     __syncthreads();
+    if (all_eq) break;
   }
   if (take_all) {  // every valid key is < 0xffffffff (that is NaN's key, and NaN never occurs)
     thr = 0xffffffffu;
+    mask = 0xffffffffu;
     need_eq = 0;
   }
 
-  // 5a. Keep the candidates above the threshold and the first need_eq equal to it, in
-  // candidate order (the block scans keep thread order = candidate order).
-  int64_t eq_seen = 0, kept = 0;
-  for (int64_t base = 0; base < total && kept < W; base += kThreads) {
-    const int64_t c = base + tid;
-    float s = -CUDART_INF_F;
-    bool lt = false, eq = false;
-    if (c < total) {
-      s = cand[c];
-      if (s > -CUDART_INF_F) {
-        const uint32_t key = desc_key(s);
-        lt = key < thr;
-        eq = key == thr;
+  // 5a. Keep the candidates whose masked key is below the threshold (with all_eq: or equal
+  // to it), in any order (5b orders them), then, when only some of the candidates with the
+  // exact threshold key are kept, the first need_eq of those in candidate order (block scans
+  // keep thread order = candidate order).
+  for (int64_t c = tid; c < total; c += kThreads) {
+    const float s = cand[c];
+    if (!(s > -CUDART_INF_F)) continue;
+    const uint32_t key = desc_key(s) & mask;
+    if (key < thr || (all_eq && key == thr)) {
+      const int pos = atomicAdd(&sh_kept, 1);
+      sel_score[pos] = s;
+      sel_idx[pos] = c;
+    }
+  }
+  __syncthreads();
+  int64_t kept = sh_kept;
+  if (!all_eq && need_eq > 0) {  // mask is full here: thr is the W-th best key itself
+    int64_t eq_seen = 0;
+    for (int64_t base = 0; base < total && eq_seen < need_eq; base += kThreads) {
+      const int64_t c = base + tid;
+      float s = -CUDART_INF_F;
+      bool eq = false;
+      if (c < total) {
+        s = cand[c];
+        eq = s > -CUDART_INF_F && desc_key(s) == thr;
       }
+      int n_eq;
+      const int eq_before = block_scan_flag(eq, warp_counts, &n_eq);
+      if (eq && eq_seen + eq_before < need_eq) {
+        sel_score[kept + eq_seen + eq_before] = s;
+        sel_idx[kept + eq_seen + eq_before] = c;
+      }
+      eq_seen += n_eq;
     }
-    int n_eq, n_take;
-    const int eq_before = block_scan_flag(eq, warp_counts, &n_eq);
-    const bool take = lt || (eq && eq_seen + eq_before < need_eq);
-    const int pos = block_scan_flag(take, warp_counts, &n_take);
-    if (take) {
-      sel_score[kept + pos] = s;
-      sel_idx[kept + pos] = c;
-    }
-    eq_seen += n_eq;
-    kept += n_take;
+    kept += eq_seen < need_eq ? eq_seen : need_eq;
   }
   __syncthreads();
 
