@@ -152,3 +152,21 @@ def test_resume_rejects_a_checkpoint_of_another_model(tmp_path):
     _, other, _, _ = _fresh(tmp_path / "b", mode="gr_sid")   # a larger vocabulary
     with pytest.raises(ValueError, match="does not match this model"):
         train_sigma(other, train, out_dir=tmp_path / "run", progress=False, config=cfg)
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
+def test_process_group_backend_follows_the_model_device(monkeypatch, device, backend):
+    """A CPU model joins a gloo group even where a GPU exists (NCCL cannot carry CPU tensors)."""
+    import torch.distributed as dist
+
+    from sigma_fast import train as train_mod
+
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda b, **kw: chosen.append(b))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    assert train_mod._distributed(torch.device(device)) == (2, 0, True)
+    assert chosen == [backend]

@@ -7,9 +7,9 @@ every ``save_every`` steps and at the end; ``resume=True`` continues from it and
 weights as an uninterrupted run (batches and hard negatives are drawn from generators seeded by
 (seed, step)).
 
-Runs unchanged under ``torchrun``: with ``WORLD_SIZE`` > 1 it joins the process group (gloo on
-CPU, NCCL on GPU), wraps the model in DistributedDataParallel and gives each rank its own share of
-every step's batch; rank 0 validates and writes checkpoints.
+Runs unchanged under ``torchrun``: with ``WORLD_SIZE`` > 1 it joins the process group (gloo for
+a CPU model, NCCL for a CUDA one), wraps the model in DistributedDataParallel and gives each rank
+its own share of every step's batch; rank 0 validates and writes checkpoints.
 
 >>> history = train_sigma(model, train_samples, out_dir="run/train",
 ...                       config=TrainConfig(steps=800, batch_size=32), valid_samples=valid)
@@ -96,7 +96,10 @@ def hit_rate(model, samples, *, k: int = 10, **options) -> float:
     return float((out.item_ids == targets[:, None]).any(1).float().mean())
 
 
-def _distributed():
+def _distributed(device: torch.device):
+    """(world size, rank, whether the group was created here). The group's backend follows the
+    model's device (NCCL for a CUDA model, gloo otherwise), not whether a GPU exists: a CPU
+    model on a GPU machine needs gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 1, 0, False
@@ -104,7 +107,7 @@ def _distributed():
 
     created = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
     return dist.get_world_size(), dist.get_rank(), created
 
@@ -139,7 +142,7 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
     if not train_samples:
         raise ValueError("train_samples is empty")
     out_dir = Path(out_dir)
-    world, rank, created_group = _distributed()
+    world, rank, created_group = _distributed(next(model.parameters()).device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
