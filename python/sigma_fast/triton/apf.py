@@ -7,13 +7,14 @@ rows are), temperatures, logsumexps and log P in fp64, log P rounded to fp32 on 
 Two kernels:
 
 * ``_apf_scan_kernel``, one program per beam (b, k): walks the beam's bucket in tiles of
-  BLOCK_R rows, scores a tile as a broadcast multiply + row sum (fp32, no TF32), and merges
-  the tile's allowed rows into a running top-M held in registers. The merge is by rank: a
-  tile row's position in the merged list is its rank in the tile plus the number of better
-  list entries, a list entry's is its index plus the number of better tile rows (order: sim
-  descending, then item id; total, as ids are unique in a bucket), and the new list gathers
-  each position's one match. With normalize="bucket" it also keeps an online logsumexp of
-  t_b * s over every allowed row. Writes the list (and the optional per-bucket outputs).
+  BLOCK_R rows, scores a tile as a broadcast multiply + row sum (fp32, no TF32), pins the
+  tile's similarities through a per-program scratch row, and merges the tile's allowed rows
+  into a running top-M held in registers. The merge is by rank: a tile row's position in the
+  merged list is its rank in the tile plus the number of better list entries, a list entry's
+  is its index plus the number of better tile rows (order: sim descending, then item id; total,
+  as ids are unique in a bucket), and the new list gathers each position's one match. With
+  normalize="bucket" it also keeps an online logsumexp of t_b * s over every allowed row.
+  Writes the list (and the optional per-bucket outputs).
 * ``_apf_fuse_kernel``, one program per request: the per-beam softmax over the kept M (or the
   bucket's logsumexp), then the global top N by repeated extraction with composite keys
   (max log P, then min item id, then min beam); with dedup an extracted item's other
@@ -38,10 +39,6 @@ MAX_TOP_M = 256
 # Rows per scan tile (a power of two); None picks by D and top_m. Tests set a small value so
 # that small buckets span several tiles and exercise the merge.
 SCAN_ROWS: int | None = None
-# Pin each scan tile's similarities through a scratch row before the rank merge (see the scan
-# kernel); False computes the merge straight from the reduction's registers.
-RELOAD_SIMS = True
-NUM_WARPS = 4
 
 
 @triton.jit
@@ -53,7 +50,6 @@ def _apf_scan_kernel(
     bids_ptr, bsims_ptr, tile_ptr,
     K, D, U, M,
     HAS_MASK: tl.constexpr, BUCKET_NORM: tl.constexpr, RETURN_BUCKETS: tl.constexpr,
-    RELOAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pair = tl.program_id(0).to(tl.int64)
@@ -92,16 +88,15 @@ def _apf_scan_kernel(
         e = tl.load(emb_ptr + rows[:, None] * D + offs_d[None, :],
                     mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         s = tl.sum(e * qn[None, :], axis=1)  # [BLOCK_R] fp32
-        if RELOAD:
-            # The merge compares every row's similarity with every other's in two layouts; a
-            # round trip through the program's scratch row pins one value per row (a
-            # reduction recomputed in another layout may round differently, and a row that
-            # beats itself breaks the rank arithmetic).
-            tile = tile_ptr + pair * BLOCK_R + offs_r
-            tl.debug_barrier()  # the previous tile's reads are done
-            tl.store(tile, s)
-            tl.debug_barrier()
-            s = tl.load(tile)
+        # The merge compares every row's similarity with every other's in two layouts; a round
+        # trip through the program's scratch row pins one value per row. Without it the
+        # compiled kernel (H200, 64-row tiles) lost list entries: a reduction recomputed in
+        # another layout may round differently, and a row that beats itself breaks the ranks.
+        tile = tile_ptr + pair * BLOCK_R + offs_r
+        tl.debug_barrier()  # the previous tile's reads are done
+        tl.store(tile, s)
+        tl.debug_barrier()
+        s = tl.load(tile)
         if BUCKET_NORM:
             x = t * s.to(tl.float64)
             new_mx = tl.maximum(lmx, tl.max(tl.where(valid, x, float("-inf")), axis=0))
@@ -253,20 +248,19 @@ def apf_fuse(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, a
         block_d = triton.next_power_of_2(d)
         block_m = triton.next_power_of_2(top_m)
         block_r = SCAN_ROWS or max(1, min(64, 4096 // block_d, 8192 // block_m))
-        tile = torch.empty((pairs * block_r if RELOAD_SIMS else 1,), dtype=torch.float32,
-                           device=dev)
+        tile = torch.empty((pairs * block_r,), dtype=torch.float32, device=dev)
         _apf_scan_kernel[(pairs,)](
             phi, pids, q, temp, emb, offsets, item_ids, mask, mask_ld, mask_len,
             list_sim, list_id, count, lse, b_ids, b_sims, tile,
             k, d, offsets.shape[0] - 1, top_m,
             HAS_MASK=allowed is not None, BUCKET_NORM=normalize == "bucket",
-            RETURN_BUCKETS=bool(return_buckets), RELOAD=bool(RELOAD_SIMS),
-            BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=NUM_WARPS,
+            RETURN_BUCKETS=bool(return_buckets),
+            BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
         )
         _apf_fuse_kernel[(b,)](
             phi, temp, list_sim, list_id, count, lse, out_ids, out_logp, out_src,
             k, top_m, top_n,
             BUCKET_NORM=normalize == "bucket", DEDUP=bool(dedup),
-            BLOCK_K=triton.next_power_of_2(k), BLOCK_M=block_m, num_warps=NUM_WARPS,
+            BLOCK_K=triton.next_power_of_2(k), BLOCK_M=block_m, num_warps=4,
         )
     return out_ids, out_logp, out_src, b_ids, b_sims
