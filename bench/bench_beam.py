@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import sigma_fast as sf
-from sigma_fast.testing import clustered_codes
+from sigma_fast.testing import capture_cuda_graph, clustered_codes
 
 N = int(os.environ.get("SIGMA_FAST_BENCH_N", 1_000_000))
 K = 256
@@ -282,22 +282,6 @@ def test_step(benchmark, catalog, machine, record, provider, shape, where, maske
 GPU_REPEAT = 50  # steps per timed round; one synchronize per round
 
 
-def _captured(fn, repeat):
-    """fn() run ``repeat`` times back to back, captured once in a CUDA graph (after a warm-up
-    on a side stream, where Triton compiles); returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            fn()
-    return graph.replay
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "mask"])
@@ -332,7 +316,7 @@ def test_step_gpu(benchmark, catalog, machine, record, provider, shape, where, m
         name = f"sigma_fast[{provider}]"
     if mode == "graph":
         name += " graph"
-        replay = _captured(step, GPU_REPEAT)
+        replay, _ = capture_cuda_graph(step, repeat=GPU_REPEAT, warmup=3)
 
         def run():
             replay()

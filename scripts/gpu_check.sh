@@ -10,7 +10,6 @@
 # phase cannot starve the next. Logs and the benchmark JSON go to $OUT (default ./gpu-results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-root=$PWD
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -61,5 +60,4 @@ timeout "$lim_rest" python -m pytest -q -p no:cacheprovider tests -rs -k "not ($
   "${plugins[@]}" 2>&1 | tee "$out/tests_rest.txt" | tail -25
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || status=1
 echo "other tests: rc=$rc in $((SECONDS - start)) s"
-cd "$root"
 exit $status

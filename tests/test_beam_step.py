@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import sigma_fast as sf
 from sigma_fast import reference
 from sigma_fast.reference.beam import NORMALIZE
-from sigma_fast.testing import assert_beam_step_close, clustered_codes
+from sigma_fast.testing import assert_beam_step_close, capture_cuda_graph, clustered_codes
 
 from conftest import backend_params, device_for
 
@@ -671,7 +671,7 @@ def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind):
     once and replayed on new inputs copied into the captured tensors: every replay must give
     the eager step's result on those inputs."""
     rng = np.random.default_rng(21)
-    codes, trie = _trie(300, 3, 17, seed=5)
+    _, trie = _trie(300, 3, 17, seed=5)
     dev = torch.device("cuda")
     gtrie = trie.to(dev)
     batch, beams_in, width = 3, 6, 5
@@ -686,20 +686,13 @@ def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind):
                                         on_empty="pad", backend=backend)
 
     static = fresh()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (Triton compiles) off the capture
-        step(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(*static)
+    replay, out = capture_cuda_graph(lambda: step(*static))
     for _ in range(3):
         new = fresh()
         for dst, src in zip(static, new):
             if dst is not None:
                 dst.copy_(src)
-        graph.replay()
+        replay()
         want = step(*new)
         torch.cuda.synchronize()
         for got_t, want_t in zip(out, want):

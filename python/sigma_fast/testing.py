@@ -245,3 +245,22 @@ def assert_beam_step_close(got, logits, beam_scores, states, trie, *, beam_width
             must = {key for key, (s, _) in cands.items() if s > cut + 2 * tol(cut)}
             missing = must - set(keys)
             assert not missing, f"request {b}: clear winners {sorted(missing)} are missing"
+
+
+def capture_cuda_graph(fn, *, repeat: int = 1, warmup: int = 1):
+    """Capture ``repeat`` back-to-back calls of ``fn()`` in one CUDA graph, after ``warmup``
+    calls on a side stream (where Triton compiles and allocators settle). Returns ``(replay,
+    out)``: the graph's replay function and the last captured call's result, whose tensors the
+    replays overwrite."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            out = fn()
+    return graph.replay, out

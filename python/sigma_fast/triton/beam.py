@@ -311,7 +311,8 @@ def constrained_beam_step(logits, beam_scores, states, child_offsets, child_toke
             cand, lo, sel_s, sel_i,
             w_in, k, beam_width, child_offsets.shape[0] - 1, child_tokens.shape[0],
             HAS_ALLOWED=allowed is not None, NORM=int(normalize),
-            BLOCK_W=_pow2(w_in, 16), BLOCK_K=_pow2(k, 128), BLOCK_C=max(_MIN_BLOCK_C, _pow2(w_in * k, 1024)),
+            BLOCK_W=_pow2(w_in, 16), BLOCK_K=_pow2(k, 128),
+            BLOCK_C=max(_MIN_BLOCK_C, _pow2(w_in * k, 1024)),
             BLOCK_OUT=block_out, BLOCK_J=min(block_out, 64),
         )
     return (scores, parent, token, nxt), status
