@@ -3,7 +3,9 @@
 // csrc/beam_step_cpu.h, whose argument layout this mirrors.
 //
 // One fused kernel, one block per request: check + normalize every live beam, score the valid
-// children, select the top W exactly by (score desc, parent asc, token asc), advance, pad.
+// children, select the top W exactly by (score desc, parent asc, token asc), advance, pad. A
+// request with many candidates in a small batch is split over two blocks, whose top-W lists a
+// second small kernel merges (see beam_step.cu; SIGMA_FAST_BEAM_SPLITS overrides the choice).
 // Nothing here synchronizes with the host or allocates: scratch comes from a caller-provided
 // workspace (see constrained_beam_step_cuda_workspace_bytes) and errors that only the host can
 // report are written to a per-request status array, so a launch is capturable in a CUDA graph.
@@ -55,7 +57,7 @@ struct BeamStepCudaArgs {
 };
 
 // Bytes of device scratch for these sizes: per request about 28 * beams_in + 4 * beams_in * k
-// + 12 * beam_width bytes (every array 256-byte aligned). Throws std::invalid_argument for
+// + 200 * beam_width bytes (every array 256-byte aligned). Throws std::invalid_argument for
 // sizes the kernel rejects (beams_in * k >= 2^31, beam_width < 1).
 int64_t constrained_beam_step_cuda_workspace_bytes(int64_t batch, int64_t beams_in, int64_t k,
                                                    int64_t beam_width);

@@ -2,6 +2,7 @@
 tie / padding / empty-request rules of DESIGN.md section 3, and determinism."""
 
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -659,6 +660,44 @@ def test_trie_built_on_cpu_searches_on_another_backend(backend):
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)
 
 
+# ------------------------------------------------------------- CUDA: requests over blocks
+
+CUDA_ONLY = backend_params(exclude=("reference", "cpu", "triton"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_ONLY)
+@pytest.mark.parametrize("splits", ["1", "2", "3", "8"])
+@settings(max_examples=30, deadline=None)
+@given(cat=WIDE_CATALOG, batch=st.integers(1, 3), beams_in=st.integers(1, 24),
+       beam_width=st.integers(1, 12), normalize=st.sampled_from(NORMALIZE),
+       allowed_kind=st.sampled_from(["none", "per_request"]), ties=st.booleans())
+def test_cuda_split_step_matches_reference(backend, splits, **params):
+    """SIGMA_FAST_BEAM_SPLITS forces how many blocks share a request (the split step: each
+    block keeps its beams' top W, a merge kernel ranks the union); every setting must give the
+    reference's result, ties included."""
+    with mock.patch.dict(os.environ, {"SIGMA_FAST_BEAM_SPLITS": splits}):
+        _check_step_matches_reference(backend, strided=True, **params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_ONLY)
+@pytest.mark.parametrize("splits", ["1", "4"])
+def test_cuda_split_step_reports_the_first_failing_beam(backend, splits, monkeypatch):
+    monkeypatch.setenv("SIGMA_FAST_BEAM_SPLITS", splits)
+    _, trie = _trie(200, 3, 9, seed=3)
+    rng = np.random.default_rng(4)
+    logits, scores, states = _inputs(trie, 2, 16, rng, ties=False, strided=False, padding=0.0)
+    logits[1, 13, 4] = NAN  # a later block's beam ...
+    states[1, 6] = trie.num_nodes + 3  # ... and an earlier one: beam 6 is reported
+    with pytest.raises(IndexError, match="request 1, beam 6"):
+        _step(backend, logits, scores, states, trie, beam_width=4)
+    out = _step(backend, logits, scores, states, trie, beam_width=4, on_empty="pad")
+    assert out.scores[1].isnan().all() and out.parent[1].eq(-1).all()
+    want = _step("cpu", logits[:1], scores[:1], states[:1], trie, beam_width=4)
+    assert torch.equal(out.parent[0], want.parent[0]) and torch.equal(out.token[0], want.token[0])
+
+
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
@@ -666,7 +705,8 @@ def test_trie_built_on_cpu_searches_on_another_backend(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", backend_params(exclude=("reference", "cpu")))
 @pytest.mark.parametrize("allowed_kind", ["none", "per_request"])
-def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind):
+@pytest.mark.parametrize("beams_in", [6, 20])  # 20: the cuda step splits requests over blocks
+def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind, beams_in):
     """With on_empty="pad" the device step launches without a host sync, so it can be captured
     once and replayed on new inputs copied into the captured tensors: every replay must give
     the eager step's result on those inputs."""
@@ -674,7 +714,7 @@ def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind):
     _, trie = _trie(300, 3, 17, seed=5)
     dev = torch.device("cuda")
     gtrie = trie.to(dev)
-    batch, beams_in, width = 3, 6, 5
+    batch, width = 3, 5
 
     def fresh():
         lg, sc, st_ = _inputs(trie, batch, beams_in, rng, ties=False, strided=False)
