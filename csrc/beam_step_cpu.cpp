@@ -24,19 +24,21 @@ constexpr int kLanes = 8;
 
 // exp(x) for x <= 0 in float32 (Cephes polynomial, ~1 ulp); exp(0) is exactly 1, which keeps
 // every log-softmax value <= 0 (the step prunes beams with that bound). Inputs below -87 are
-// clamped (their exp, < 2e-38, does not change a sum that contains exp(0) = 1).
+// clamped (their exp, < 2e-38, does not change a sum that contains exp(0) = 1). Fused
+// multiply-adds (std::fma here, the FMA instructions in the AVX2 twin) in the same places, so
+// both give the same bits.
 inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  const float n = std::fma(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;  // round
+  float r = std::fma(-n, 0.693359375f, x);
+  r = std::fma(-n, -2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -128,27 +130,26 @@ __attribute__((target("avx2"))) RowScan scan_row_avx2(const float* x, int64_t k)
   return out;
 }
 
-__attribute__((target("avx2"))) inline __m256 exp_nonpositive8(__m256 x) {
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // x < -87 ? -87 : x (no NaN here)
   const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(
-      _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
-  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  const __m256 n =
+      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // fma(-n, c, x)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r),
-                    _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
   const __m256i bits = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-__attribute__((target("avx2"))) float sum_exp_avx2(const float* x, int64_t k, float m) {
+__attribute__((target("avx2,fma"))) float sum_exp_avx2(const float* x, int64_t k, float m) {
   __m256 acc = _mm256_setzero_ps();
   const __m256 mv = _mm256_set1_ps(m);
   int64_t i = 0;
@@ -164,9 +165,14 @@ bool have_avx2() {
   static const bool ok = (__builtin_cpu_init(), __builtin_cpu_supports("avx2") != 0);
   return ok;
 }
+
+bool have_avx2_fma() {
+  static const bool ok = have_avx2() && __builtin_cpu_supports("fma") != 0;
+  return ok;
+}
 #endif
 
-// Both variants run the same float operations in the same order (no FMA), so they agree bitwise.
+// Both variants run the same float operations in the same order, so they agree bitwise.
 inline RowScan scan_row(const float* x, int64_t k) {
 #if defined(__x86_64__) || defined(__i386__)
   if (have_avx2()) return scan_row_avx2(x, k);
@@ -176,7 +182,7 @@ inline RowScan scan_row(const float* x, int64_t k) {
 
 inline float sum_exp(const float* x, int64_t k, float m) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (have_avx2()) return sum_exp_avx2(x, k, m);
+  if (have_avx2_fma()) return sum_exp_avx2(x, k, m);
 #endif
   return sum_exp_generic(x, k, m);
 }
