@@ -299,7 +299,7 @@ void prefetch_rows(const BeamStepArgs& a, int64_t b) {
 // as bs + (x - lse) in float32 (bs + x without normalization); they are monotone in x and
 // decrease in lse, so a bound of lse bounds the scores exactly.
 void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
-                  std::vector<LiveBeam>& beams) {
+                  std::vector<LiveBeam>& beams, std::vector<int64_t>& ranges) {
   const int64_t W = a.beam_width;
   const RanksBefore ranks_before;
   const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
@@ -314,6 +314,25 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
                               std::to_string(c));
     return allowed && !allowed[c] ? -1 : c;
   };
+
+  // 0. The live beams' child ranges, read in a loop of independent loads (so their cache misses
+  // overlap instead of waiting on each other between row scans), then their child lists
+  // requested. States are checked here only to stay in bounds; 1. reports bad ones in order.
+  ranges.resize(static_cast<size_t>(2 * a.beams_in));
+  int64_t* range = ranges.data();
+  for (int64_t w = 0; w < a.beams_in; ++w) {
+    const int64_t i = b * a.beams_in + w;
+    if (!live_state(a, i)) continue;
+    range[2 * w] = a.child_offsets[a.states[i]];
+    range[2 * w + 1] = a.child_offsets[a.states[i] + 1];
+  }
+  for (int64_t w = 0; w < a.beams_in; ++w) {
+    if (!live_state(a, b * a.beams_in + w)) continue;
+    const int64_t lo = range[2 * w], hi = range[2 * w + 1];
+    if (lo < 0 || lo >= hi || hi > a.slots) continue;
+    __builtin_prefetch(a.child_tokens + lo);
+    __builtin_prefetch(a.child_nodes + lo);
+  }
 
   // 1. Check and bound every live beam.
   for (int64_t w = 0; w < a.beams_in; ++w) {
@@ -335,7 +354,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
       throw std::invalid_argument("logits must not be NaN or +inf; got " + std::to_string(row[i]) +
                                   " at " + beam_name(b, w) + ", index " + std::to_string(i));
     }
-    const int64_t lo = a.child_offsets[s], hi = a.child_offsets[s + 1];
+    const int64_t lo = range[2 * w], hi = range[2 * w + 1];  // read in 0. (a live state)
     if (lo < 0 || lo > hi || hi > a.slots)
       throw std::out_of_range("corrupt trie: child_offsets of node " + std::to_string(s));
     float best_x = -kInf;  // best logit among the allowed children
@@ -439,7 +458,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
 // child offsets three requests ahead, child lists two ahead, logit rows and validity one ahead.
 // `b` is left at the request being stepped (the failing one when this throws).
 void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, std::vector<Candidate>& buf,
-                   std::vector<LiveBeam>& beams, int64_t& b) {
+                   std::vector<LiveBeam>& beams, std::vector<int64_t>& ranges, int64_t& b) {
   for (int64_t b = b0; b < std::min(b1, b0 + 3); ++b) prefetch_offsets(a, b);
   for (int64_t b = b0; b < std::min(b1, b0 + 2); ++b) prefetch_children(a, b);
   if (b0 < b1) prefetch_rows(a, b0);
@@ -447,7 +466,7 @@ void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, std::vector<Ca
     if (b + 3 < b1) prefetch_offsets(a, b + 3);
     if (b + 2 < b1) prefetch_children(a, b + 2);
     if (b + 1 < b1) prefetch_rows(a, b + 1);
-    step_request(a, b, buf, beams);
+    step_request(a, b, buf, beams, ranges);
   }
 }
 
@@ -474,11 +493,12 @@ void constrained_beam_step_cpu(const BeamStepArgs& a) {
   auto run = [&](int64_t b0, int64_t b1) {
     std::vector<Candidate> buf;
     std::vector<LiveBeam> beams;
+    std::vector<int64_t> ranges;
     buf.reserve(static_cast<size_t>(2 * a.beam_width));
     beams.reserve(static_cast<size_t>(a.beams_in));
     int64_t b = b0;
     try {
-      step_requests(a, b0, b1, buf, beams, b);
+      step_requests(a, b0, b1, buf, beams, ranges, b);
     } catch (...) {
       // Report the smallest failing request whatever the thread timing.
       std::lock_guard<std::mutex> lock(mutex);
