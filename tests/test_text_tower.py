@@ -3,6 +3,7 @@ pooling of a decoder LM, converted once from the package's GGUF file); the featu
 last-layer tail trained from cached hidden states, and full fine-tuning."""
 
 import importlib.util
+import inspect
 
 import numpy as np
 import pytest
@@ -233,3 +234,28 @@ def test_unsupported_architecture_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="no layers to train"):
         layer_inputs(ITEMS, "hashed", 1, cache_dir=tmp_path)
     assert text_features(ITEMS, "hashed").shape == (len(ITEMS), 512)
+
+
+def test_causal_mask_kwargs_follow_the_installed_transformers_names():
+    """create_causal_mask renamed its arguments across transformers releases; LMTail passes
+    the names of the installed version (these signatures mirror three of them)."""
+    def new(config, inputs_embeds, attention_mask, cache=None, position_ids=None): ...
+
+    def mid(config, inputs_embeds, attention_mask, past_key_values, position_ids=None): ...
+
+    def old(config, input_embeds, attention_mask, cache_position, past_key_values,
+            position_ids=None): ...
+
+    emb, mask, pos = torch.zeros((2, 5, 3)), torch.ones((2, 5)), torch.zeros((2, 5))
+    got = {f.__name__: text_mod._causal_mask_kwargs(f, config="c", embeds=emb,
+                                                    attention_mask=mask, position_ids=pos)
+           for f in (new, mid, old)}
+    assert set(got["new"]) == {"config", "inputs_embeds", "attention_mask", "cache",
+                               "position_ids"} and got["new"]["cache"] is None
+    assert set(got["mid"]) == {"config", "inputs_embeds", "attention_mask", "past_key_values",
+                               "position_ids"}
+    assert set(got["old"]) == {"config", "input_embeds", "attention_mask", "cache_position",
+                               "past_key_values", "position_ids"}
+    assert got["old"]["cache_position"].tolist() == [0, 1, 2, 3, 4]
+    for f in (new, mid, old):  # every set binds to its signature
+        inspect.signature(f).bind(**got[f.__name__])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -200,6 +201,22 @@ def _check_n(model, n: int) -> int:
     return int(n)
 
 
+def _causal_mask_kwargs(fn, *, config, embeds, attention_mask, position_ids) -> dict:
+    """Keyword arguments of transformers' ``create_causal_mask`` for a forward without a KV
+    cache, in the names this transformers version uses (the embeddings were ``input_embeds``
+    then ``inputs_embeds``; the cache ``past_key_values`` then ``cache``; some versions also
+    take ``cache_position``)."""
+    params = inspect.signature(fn).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kwargs[name] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    return kwargs
+
+
 class LMTail(nn.Module):
     """The LM's last ``n`` layers (copies), its final norm (decoders) and the pooling: hidden
     states entering layer ``L - n`` [B, T, H] + attention mask [B, T] -> pooled, L2-normalised
@@ -221,8 +238,9 @@ class LMTail(nn.Module):
 
         if self.family == "decoder":
             pos = _position_ids(mask)
-            attn = create_causal_mask(config=self.config, inputs_embeds=hidden,
-                                      attention_mask=mask, cache=None, position_ids=pos)
+            attn = create_causal_mask(**_causal_mask_kwargs(
+                create_causal_mask, config=self.config, embeds=hidden, attention_mask=mask,
+                position_ids=pos))
             pe = self.rotary_emb(hidden, position_ids=pos)
             for layer in self.layers:
                 hidden = layer(hidden, attention_mask=attn, position_embeddings=pe,
