@@ -5,9 +5,10 @@
 // therefore agrees bitwise with every other backend).
 //
 // One kernel per step, or two in a "split" step, which gives a request with many candidates
-// more than one block: S blocks per request each take a contiguous range of its input beams through 1-5 below and
-// keep their own top W (a request's top W is always inside the union of its ranges' top W);
-// a second, small kernel merges the S lists of each request and places, advances and pads.
+// more than one block: S blocks per request each take a contiguous range of its input beams
+// through 1-5 below and keep their own top W (a request's top W is always inside the union of
+// its ranges' top W); a second, small kernel merges the S lists of each request and places,
+// advances and pads.
 // S (1 or 2) comes from the batch size and the candidate bound beams_in * k (choose_splits);
 // SIGMA_FAST_BEAM_SPLITS=s forces it (1 = always one kernel, up to 8), for tuning and tests.
 // Per block:
@@ -22,7 +23,9 @@
 //      histogram the top byte of its order key.
 //   4. exact radix select of the W-th best score (4 passes of 8 bits over the key "score
 //      descending"), then one ordered pass keeps every candidate above it and the first
-//      (in candidate order) of those equal to it: exactly the tie rule.
+//      (in candidate order) of those equal to it: exactly the tie rule. A block with at most
+//      128 candidates (SIGMA_FAST_BEAM_RANK_MAX, 0..1024) keeps their scores in shared memory
+//      instead and ranks each directly (the candidates above it + the equal ones before it).
 //   5. the kept candidates (<= W) are placed by rank (number of kept candidates that rank
 //      before each), advanced to their child node, and the rest padded (-inf, -1, -1, -1);
 //      in a split step the block instead writes them in rank order, keyed by (beam, child
@@ -54,6 +57,14 @@ constexpr unsigned long long kNoError = ~0ull;
 constexpr int kMaxSplits = 8;
 constexpr int kMergeCap = 2048;
 constexpr int kMergeThreads = 256;
+// Requests (or split blocks) with at most rank_max candidates (default kRankDefault, at most
+// kRankCap) skip the radix select: their scores go to shared memory and every candidate counts
+// the ones that rank before it, a loop over all of them per thread. Measured on an H200 (CUDA
+// graph, K = 256): about 100 candidates per block (deep steps: (16, 20), or (64, 50) split in
+// two) 1.5-2.5 us faster than the radix passes; 200-256 (a root, (64, 50) deep in one block)
+// 1.3-2.5 us slower. Hence 128.
+constexpr int kRankCap = 1024;
+constexpr int kRankDefault = 128;
 
 // Byte offsets of the workspace arrays (from the 256-byte aligned base); each holds `batch`
 // per-request slices.
@@ -206,7 +217,8 @@ __device__ __forceinline__ void write_beam(const BeamStepCudaArgs& a, int64_t o,
 // (splits == 1) write the request's outputs.
 template <bool kSplit>
 __global__ void __launch_bounds__(kThreads)
-    beam_step_kernel(const BeamStepCudaArgs a, const Layout p, char* ws, int splits) {
+    beam_step_kernel(const BeamStepCudaArgs a, const Layout p, char* ws, int splits,
+                     int rank_max) {
   const int64_t b = blockIdx.x / splits;
   const int split = static_cast<int>(blockIdx.x % splits);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -231,6 +243,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool normalized = a.normalize != 2;
 
   __shared__ unsigned hist[256];
+  __shared__ float sh_cand[kRankCap];
   __shared__ int64_t warp_sums[kWarps];
   __shared__ int warp_counts[kWarps];
   __shared__ unsigned long long first_error;  // (beam << 8) | code of the first failing beam
@@ -361,8 +374,11 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) start[nw] = total;
   __syncthreads();
 
-  // 3. Score every candidate once (one warp per beam, its children across the lanes);
-  // histogram the top byte of the valid ones' keys.
+  // 3. Score every candidate once (one warp per beam, its children across the lanes), into
+  // shared memory when the block ranks them directly, else into the workspace with a histogram
+  // of the top byte of the valid ones' keys.
+  const bool direct = total <= rank_max;
+  float* scores = direct ? sh_cand : cand;
   for (int64_t w = w0 + warp; w < w1; w += kWarps) {
     const int64_t cw = beam_cnt[w];  // 0 for padding, failing and candidate-less beams
     if (cw == 0) continue;
@@ -376,134 +392,158 @@ __global__ void __launch_bounds__(kThreads)
         const float x = row[a.child_tokens[e]];
         s = normalized ? __fadd_rn(bs, __fsub_rn(x, lse)) : __fadd_rn(bs, x);
       }
-      cand[first + j] = s;
-      if (s > -CUDART_INF_F) atomicAdd(&hist[desc_key(s) >> 24], 1u);
+      scores[first + j] = s;
+      if (!direct && s > -CUDART_INF_F) atomicAdd(&hist[desc_key(s) >> 24], 1u);
     }
   }
   __syncthreads();
 
-  // 4. Radix select over the keys' bytes, most significant first: after a pass, `thr` holds
-  // the bytes (under `mask`) of the W-th best key, and `need_eq` of the candidates whose masked
-  // key equals thr are kept (the first ones in candidate order). It stops early when every
-  // valid candidate is kept (take_all) or when all of the matching bin's candidates are kept
-  // (all_eq): then no order among them is needed.
-  uint32_t thr = 0, mask = 0;
-  int64_t need_eq = W;
-  bool take_all = false, all_eq = false;
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
-    if (pass > 0) {
-      for (int64_t c = tid; c < total; c += kThreads) {
-        const float s = cand[c];
-        if (!(s > -CUDART_INF_F)) continue;
-        const uint32_t key = desc_key(s);
-        if ((key & mask) == thr) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
-      }
-      __syncthreads();
+  // Candidate c of rank `rank` (< W) goes to the outputs, or to the block's list in a split step.
+  auto place = [&](int64_t rank, float score, int64_t c) {
+    const int64_t lw = beam_of(start, nw, c);
+    if constexpr (kSplit) {
+      reinterpret_cast<float*>(ws + p.part_score)[part * W + rank] = score;
+      reinterpret_cast<int64_t*>(ws + p.part_key)[part * W + rank] =
+          ((w0 + lw) << 32) | (c - start[lw]);
+    } else {  // w0 == 0
+      const int64_t e = beam_lo[lw] + (c - start[lw]);
+      write_beam(a, b * W + rank, score, lw, a.child_tokens[e], a.child_nodes[e]);
     }
-    if (warp == 0) {  // the bin holding the need_eq-th smallest key (8 bins per lane)
-      unsigned local = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) local += hist[lane * 8 + j];
-      unsigned inc = local;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const unsigned n = __shfl_up_sync(kFullMask, inc, off);
-        if (lane >= off) inc += n;
+  };
+
+  int64_t kept = 0;
+  if (direct) {
+    // 4'. Rank = candidates with a higher score + earlier candidates with the same score
+    // (candidate order is (parent, token) order): the tie rule, with no selection passes.
+    for (int64_t c = tid; c < total; c += kThreads) {
+      const float si = sh_cand[c];
+      if (!(si > -CUDART_INF_F)) continue;
+      atomicAdd(&sh_kept, 1);
+      int64_t rank = 0;
+      for (int64_t j = 0; j < total; ++j) {
+        const float sj = sh_cand[j];
+        rank += (sj > si) || (sj == si && j < c);
       }
-      const unsigned all = __shfl_sync(kFullMask, inc, 31);
-      if (lane == 0) sh_count = all;
-      unsigned before = inc - local;
-      if (static_cast<int64_t>(before) < need_eq && need_eq <= static_cast<int64_t>(inc)) {
-        for (int j = 0; j < 8; ++j) {
-          const unsigned h = hist[lane * 8 + j];
-          if (need_eq <= static_cast<int64_t>(before + h)) {
-            sh_bin = lane * 8 + j;
-            sh_bin_count = h;
-            sh_rank = need_eq - before;
-            break;
+      if (rank < W) place(rank, si, c);
+    }
+    __syncthreads();
+    kept = sh_kept < W ? sh_kept : W;
+  } else {
+    // 4. Radix select over the keys' bytes, most significant first: after a pass, `thr` holds
+    // the bytes (under `mask`) of the W-th best key, and `need_eq` of the candidates whose masked
+    // key equals thr are kept (the first ones in candidate order). It stops early when every
+    // valid candidate is kept (take_all) or when all of the matching bin's candidates are kept
+    // (all_eq): then no order among them is needed.
+    uint32_t thr = 0, mask = 0;
+    int64_t need_eq = W;
+    bool take_all = false, all_eq = false;
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      if (pass > 0) {
+        for (int64_t c = tid; c < total; c += kThreads) {
+          const float s = cand[c];
+          if (!(s > -CUDART_INF_F)) continue;
+          const uint32_t key = desc_key(s);
+          if ((key & mask) == thr) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
+        }
+        __syncthreads();
+      }
+      if (warp == 0) {  // the bin holding the need_eq-th smallest key (8 bins per lane)
+        unsigned local = 0;
+  #pragma unroll
+        for (int j = 0; j < 8; ++j) local += hist[lane * 8 + j];
+        unsigned inc = local;
+  #pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned n = __shfl_up_sync(kFullMask, inc, off);
+          if (lane >= off) inc += n;
+        }
+        const unsigned all = __shfl_sync(kFullMask, inc, 31);
+        if (lane == 0) sh_count = all;
+        unsigned before = inc - local;
+        if (static_cast<int64_t>(before) < need_eq && need_eq <= static_cast<int64_t>(inc)) {
+          for (int j = 0; j < 8; ++j) {
+            const unsigned h = hist[lane * 8 + j];
+            if (need_eq <= static_cast<int64_t>(before + h)) {
+              sh_bin = lane * 8 + j;
+              sh_bin_count = h;
+              sh_rank = need_eq - before;
+              break;
+            }
+            before += h;
           }
-          before += h;
         }
       }
+      __syncthreads();
+      if (pass == 0 && static_cast<int64_t>(sh_count) <= W) {  // keep every valid candidate
+        take_all = true;
+        break;
+      }
+      thr |= sh_bin << shift;
+      mask |= 0xffu << shift;
+      need_eq = sh_rank;
+      all_eq = need_eq == static_cast<int64_t>(sh_bin_count);
+      for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
+      __syncthreads();
+      if (all_eq) break;
+    }
+    if (take_all) {  // every valid key is < 0xffffffff (that is NaN's key, and NaN never occurs)
+      thr = 0xffffffffu;
+      mask = 0xffffffffu;
+      need_eq = 0;
+    }
+
+    // 5a. Keep the candidates whose masked key is below the threshold (with all_eq: or equal
+    // to it), in any order (5b orders them), then, when only some of the candidates with the
+    // exact threshold key are kept, the first need_eq of those in candidate order (block scans
+    // keep thread order = candidate order).
+    for (int64_t c = tid; c < total; c += kThreads) {
+      const float s = cand[c];
+      if (!(s > -CUDART_INF_F)) continue;
+      const uint32_t key = desc_key(s) & mask;
+      if (key < thr || (all_eq && key == thr)) {
+        const int pos = atomicAdd(&sh_kept, 1);
+        sel_score[pos] = s;
+        sel_idx[pos] = c;
+      }
     }
     __syncthreads();
-    if (pass == 0 && static_cast<int64_t>(sh_count) <= W) {  // keep every valid candidate
-      take_all = true;
-      break;
+    kept = sh_kept;
+    if (!all_eq && need_eq > 0) {  // mask is full here: thr is the W-th best key itself
+      int64_t eq_seen = 0;
+      for (int64_t base = 0; base < total && eq_seen < need_eq; base += kThreads) {
+        const int64_t c = base + tid;
+        float s = -CUDART_INF_F;
+        bool eq = false;
+        if (c < total) {
+          s = cand[c];
+          eq = s > -CUDART_INF_F && desc_key(s) == thr;
+        }
+        int n_eq;
+        const int eq_before = block_scan_flag(eq, warp_counts, &n_eq);
+        if (eq && eq_seen + eq_before < need_eq) {
+          sel_score[kept + eq_seen + eq_before] = s;
+          sel_idx[kept + eq_seen + eq_before] = c;
+        }
+        eq_seen += n_eq;
+      }
+      kept += eq_seen < need_eq ? eq_seen : need_eq;
     }
-    thr |= sh_bin << shift;
-    mask |= 0xffu << shift;
-    need_eq = sh_rank;
-    all_eq = need_eq == static_cast<int64_t>(sh_bin_count);
-    for (int i = tid; i < 256; i += kThreads) hist[i] = 0;
     __syncthreads();
-    if (all_eq) break;
-  }
-  if (take_all) {  // every valid key is < 0xffffffff (that is NaN's key, and NaN never occurs)
-    thr = 0xffffffffu;
-    mask = 0xffffffffu;
-    need_eq = 0;
-  }
 
-  // 5a. Keep the candidates whose masked key is below the threshold (with all_eq: or equal
-  // to it), in any order (5b orders them), then, when only some of the candidates with the
-  // exact threshold key are kept, the first need_eq of those in candidate order (block scans
-  // keep thread order = candidate order).
-  for (int64_t c = tid; c < total; c += kThreads) {
-    const float s = cand[c];
-    if (!(s > -CUDART_INF_F)) continue;
-    const uint32_t key = desc_key(s) & mask;
-    if (key < thr || (all_eq && key == thr)) {
-      const int pos = atomicAdd(&sh_kept, 1);
-      sel_score[pos] = s;
-      sel_idx[pos] = c;
-    }
-  }
-  __syncthreads();
-  int64_t kept = sh_kept;
-  if (!all_eq && need_eq > 0) {  // mask is full here: thr is the W-th best key itself
-    int64_t eq_seen = 0;
-    for (int64_t base = 0; base < total && eq_seen < need_eq; base += kThreads) {
-      const int64_t c = base + tid;
-      float s = -CUDART_INF_F;
-      bool eq = false;
-      if (c < total) {
-        s = cand[c];
-        eq = s > -CUDART_INF_F && desc_key(s) == thr;
+    // 5b. Place the kept candidates by rank.
+    for (int64_t i = tid; i < kept; i += kThreads) {
+      const float si = sel_score[i];
+      const int64_t ci = sel_idx[i];
+      int64_t rank = 0;
+      for (int64_t j = 0; j < kept; ++j) {
+        const float sj = sel_score[j];
+        rank += (sj > si) || (sj == si && sel_idx[j] < ci);
       }
-      int n_eq;
-      const int eq_before = block_scan_flag(eq, warp_counts, &n_eq);
-      if (eq && eq_seen + eq_before < need_eq) {
-        sel_score[kept + eq_seen + eq_before] = s;
-        sel_idx[kept + eq_seen + eq_before] = c;
-      }
-      eq_seen += n_eq;
-    }
-    kept += eq_seen < need_eq ? eq_seen : need_eq;
-  }
-  __syncthreads();
-
-  // 5b. Place the kept candidates by rank: a split step hands them, keyed by (beam, child
-  // slot), to the merge; otherwise they are advanced into the outputs and the rest padded.
-  for (int64_t i = tid; i < kept; i += kThreads) {
-    const float si = sel_score[i];
-    const int64_t ci = sel_idx[i];
-    int64_t rank = 0;
-    for (int64_t j = 0; j < kept; ++j) {
-      const float sj = sel_score[j];
-      rank += (sj > si) || (sj == si && sel_idx[j] < ci);
-    }
-    const int64_t lw = beam_of(start, nw, ci);
-    if constexpr (kSplit) {
-      reinterpret_cast<float*>(ws + p.part_score)[part * W + rank] = si;
-      reinterpret_cast<int64_t*>(ws + p.part_key)[part * W + rank] =
-          ((w0 + lw) << 32) | (ci - start[lw]);
-    } else {  // w0 == 0
-      const int64_t e = beam_lo[lw] + (ci - start[lw]);
-      write_beam(a, b * W + rank, si, lw, a.child_tokens[e], a.child_nodes[e]);
+      place(rank, si, ci);
     }
   }
+  // The rest padded; a split step's count for the merge.
   if constexpr (kSplit) {
     if (tid == 0) reinterpret_cast<int32_t*>(ws + p.part_count)[part] = static_cast<int32_t>(kept);
   } else {
@@ -654,13 +694,16 @@ void constrained_beam_step_cuda(const BeamStepCudaArgs& a, cudaStream_t stream) 
   char* base = reinterpret_cast<char*>(
       (reinterpret_cast<std::uintptr_t>(a.workspace) + kAlign - 1) / kAlign * kAlign);
   const int splits = choose_splits(a.batch, a.beams_in, a.k, a.beam_width);
+  int rank_max = kRankDefault;
+  if (const char* env = std::getenv("SIGMA_FAST_BEAM_RANK_MAX")) rank_max = std::atoi(env);
+  rank_max = std::max(0, std::min(rank_max, kRankCap));
   if (a.batch > INT_MAX / splits)
     throw std::invalid_argument("constrained_beam_step_cuda: too many requests");
   const unsigned blocks = static_cast<unsigned>(a.batch * splits);
   if (splits == 1) {
-    beam_step_kernel<false><<<blocks, kThreads, 0, stream>>>(a, p, base, 1);
+    beam_step_kernel<false><<<blocks, kThreads, 0, stream>>>(a, p, base, 1, rank_max);
   } else {
-    beam_step_kernel<true><<<blocks, kThreads, 0, stream>>>(a, p, base, splits);
+    beam_step_kernel<true><<<blocks, kThreads, 0, stream>>>(a, p, base, splits, rank_max);
     beam_merge_kernel<<<static_cast<unsigned>(a.batch), kMergeThreads, 0, stream>>>(a, p, base,
                                                                                    splits);
   }

@@ -667,16 +667,19 @@ CUDA_ONLY = backend_params(exclude=("reference", "cpu", "triton"))
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", CUDA_ONLY)
-@pytest.mark.parametrize("splits", ["1", "2", "3", "8"])
+@pytest.mark.parametrize("splits, rank_max", [("1", "0"), ("1", "1024"), ("2", "0"),
+                                              ("2", "512"), ("3", "8"), ("8", "0")])
 @settings(max_examples=30, deadline=None)
 @given(cat=WIDE_CATALOG, batch=st.integers(1, 3), beams_in=st.integers(1, 24),
        beam_width=st.integers(1, 12), normalize=st.sampled_from(NORMALIZE),
        allowed_kind=st.sampled_from(["none", "per_request"]), ties=st.booleans())
-def test_cuda_split_step_matches_reference(backend, splits, **params):
+def test_cuda_split_step_matches_reference(backend, splits, rank_max, **params):
     """SIGMA_FAST_BEAM_SPLITS forces how many blocks share a request (the split step: each
-    block keeps its beams' top W, a merge kernel ranks the union); every setting must give the
-    reference's result, ties included."""
-    with mock.patch.dict(os.environ, {"SIGMA_FAST_BEAM_SPLITS": splits}):
+    block keeps its beams' top W, a merge kernel ranks the union) and SIGMA_FAST_BEAM_RANK_MAX
+    up to how many candidates a block ranks directly instead of by radix select (0: never);
+    every setting must give the reference's result, ties included."""
+    env = {"SIGMA_FAST_BEAM_SPLITS": splits, "SIGMA_FAST_BEAM_RANK_MAX": rank_max}
+    with mock.patch.dict(os.environ, env):
         _check_step_matches_reference(backend, strided=True, **params)
 
 
@@ -705,11 +708,16 @@ def test_cuda_split_step_reports_the_first_failing_beam(backend, splits, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", backend_params(exclude=("reference", "cpu")))
 @pytest.mark.parametrize("allowed_kind", ["none", "per_request"])
-@pytest.mark.parametrize("beams_in", [6, 20])  # 20: the cuda step splits requests over blocks
-def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind, beams_in):
+@pytest.mark.parametrize("beams_in, splits", [(6, None), (20, "2")])  # "2": two kernels
+def test_step_is_capturable_in_a_cuda_graph(backend, allowed_kind, beams_in, splits):
     """With on_empty="pad" the device step launches without a host sync, so it can be captured
     once and replayed on new inputs copied into the captured tensors: every replay must give
     the eager step's result on those inputs."""
+    with mock.patch.dict(os.environ, {} if splits is None else {"SIGMA_FAST_BEAM_SPLITS": splits}):
+        _check_graph_replays(backend, allowed_kind, beams_in)
+
+
+def _check_graph_replays(backend, allowed_kind, beams_in):
     rng = np.random.default_rng(21)
     _, trie = _trie(300, 3, 17, seed=5)
     dev = torch.device("cuda")
