@@ -24,7 +24,7 @@
 //   4. exact radix select of the W-th best score (4 passes of 8 bits over the key "score
 //      descending"), then one ordered pass keeps every candidate above it and the first
 //      (in candidate order) of those equal to it: exactly the tie rule. A block with at most
-//      128 candidates (SIGMA_FAST_BEAM_RANK_MAX, 0..1024) keeps their scores in shared memory
+//      192 candidates (SIGMA_FAST_BEAM_RANK_MAX, 0..1024) keeps their scores in shared memory
 //      instead and ranks each directly (the candidates above it + the equal ones before it).
 //   5. the kept candidates (<= W) are placed by rank (number of kept candidates that rank
 //      before each), advanced to their child node, and the rest padded (-inf, -1, -1, -1);
@@ -60,11 +60,11 @@ constexpr int kMergeThreads = 256;
 // Requests (or split blocks) with at most rank_max candidates (default kRankDefault, at most
 // kRankCap) skip the radix select: their scores go to shared memory and every candidate counts
 // the ones that rank before it, a loop over all of them per thread. Measured on an H200 (CUDA
-// graph, K = 256): about 100 candidates per block (deep steps: (16, 20), or (64, 50) split in
-// two) 1.5-2.5 us faster than the radix passes; 200-256 (a root, (64, 50) deep in one block)
-// 1.3-2.5 us slower. Hence 128.
+// graph, K = 256, cut-offs 0 / 128 / 192 / 256 / 512): deep steps ((16, 20), (64, 50) split in
+// two: up to ~190 candidates per block) 0.7-2.5 us faster than with the radix passes; a root
+// step (256 candidates) 1.8-2.7 us slower. Hence 192.
 constexpr int kRankCap = 1024;
-constexpr int kRankDefault = 128;
+constexpr int kRankDefault = 192;
 
 // Byte offsets of the workspace arrays (from the 256-byte aligned base); each holds `batch`
 // per-request slices.
