@@ -195,10 +195,10 @@ inline float log_sum_exp(float m, float sum) {
 // A lower bound of the row's computed log-sum-exp, for skipping rows that cannot contribute:
 // lse >= max (exactly, see exp_nonpositive) and lse >= log K + mean(x) (Jensen), the latter
 // lowered by a margin far above the float32 error of both sides.
-inline float lse_lower_bound(const RowScan& scan, int64_t k) {
+inline float lse_lower_bound(const RowScan& scan, int64_t k, double log_k) {
   if (k == 0 || !(scan.sum > -kInf) || !(scan.sum_abs < kInf)) return scan.max;
   const double mean = static_cast<double>(scan.sum) / static_cast<double>(k);
-  const double jensen = std::log(static_cast<double>(k)) + mean;
+  const double jensen = log_k + mean;
   const double margin = 1e-3 * (1.0 + std::fabs(jensen) + scan.sum_abs / static_cast<double>(k));
   const float bound = static_cast<float>(jensen - margin);
   return bound > scan.max ? bound : scan.max;
@@ -270,9 +270,15 @@ void prefetch_children(const BeamStepArgs& a, int64_t b) {
   }
 }
 
-void prefetch_rows(const BeamStepArgs& a, int64_t b) {
+// Rows of beams [w0, w1) of request b (and the validity byte of each one's first child). A
+// request's rows are fetched kRowsAhead beams ahead of its row scans (the first kRowsAhead
+// during the previous request), which spreads the requests out: a whole request's rows at once
+// (50 rows = 800 lines at (64, 50)) overrun the outstanding-miss queues.
+constexpr int64_t kRowsAhead = 4;
+
+void prefetch_rows(const BeamStepArgs& a, int64_t b, int64_t w0, int64_t w1) {
   const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
-  for (int64_t w = 0; w < a.beams_in; ++w) {
+  for (int64_t w = w0; w < w1 && w < a.beams_in; ++w) {
     const int64_t i = b * a.beams_in + w;
     if (!live_state(a, i)) continue;
     const char* row = reinterpret_cast<const char*>(a.logits + b * a.ld_b + w * a.ld_w);
@@ -304,6 +310,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
   const RanksBefore ranks_before;
   const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
   const bool normalized = a.normalize != BeamNormalize::kNone;
+  const double log_k = a.k > 0 ? std::log(static_cast<double>(a.k)) : 0.0;
   buf.clear();
   beams.clear();
 
@@ -336,6 +343,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
 
   // 1. Check and bound every live beam.
   for (int64_t w = 0; w < a.beams_in; ++w) {
+    prefetch_rows(a, b, w + kRowsAhead, w + kRowsAhead + 1);
     const float bs = a.beam_scores[b * a.beams_in + w];
     if (bs == -kInf) continue;  // padding beam
     if (!(bs < kInf))
@@ -369,7 +377,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
     if (best_x == -kInf) continue;  // no allowed child with a finite logit: no candidate
     LiveBeam lb{w, lo, hi, bs, scan.max, std::numeric_limits<float>::quiet_NaN(), 0.0f, 0.0f};
     if (a.normalize == BeamNormalize::kFull) {
-      lb.lse_bound = lse_lower_bound(scan, a.k);
+      lb.lse_bound = lse_lower_bound(scan, a.k, log_k);
     } else if (a.normalize == BeamNormalize::kValid) {
       float sum = 0.0f;  // the exact lse over the allowed children is cheap: compute it now
       for (int64_t e = lo; e < hi; ++e)
@@ -455,17 +463,17 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
 }
 
 // Requests [b0, b1) in order, with the memory each will read fetched a few requests ahead:
-// child offsets three requests ahead, child lists two ahead, logit rows and validity one ahead.
+// child offsets three requests ahead, child lists two ahead, the first logit rows one ahead.
 // `b` is left at the request being stepped (the failing one when this throws).
 void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, std::vector<Candidate>& buf,
                    std::vector<LiveBeam>& beams, std::vector<int64_t>& ranges, int64_t& b) {
   for (int64_t b = b0; b < std::min(b1, b0 + 3); ++b) prefetch_offsets(a, b);
   for (int64_t b = b0; b < std::min(b1, b0 + 2); ++b) prefetch_children(a, b);
-  if (b0 < b1) prefetch_rows(a, b0);
+  if (b0 < b1) prefetch_rows(a, b0, 0, kRowsAhead);
   for (b = b0; b < b1; ++b) {
     if (b + 3 < b1) prefetch_offsets(a, b + 3);
     if (b + 2 < b1) prefetch_children(a, b + 2);
-    if (b + 1 < b1) prefetch_rows(a, b + 1);
+    if (b + 1 < b1) prefetch_rows(a, b + 1, 0, kRowsAhead);
     step_request(a, b, buf, beams, ranges);
   }
 }
