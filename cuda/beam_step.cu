@@ -212,6 +212,29 @@ __device__ __forceinline__ void write_beam(const BeamStepCudaArgs& a, int64_t o,
   a.out_state[o] = state;
 }
 
+// Request b met an input error e = (beam << 8) | code: W poisoned beams and its status. Called
+// by every thread of a block of `threads`.
+__device__ void write_request_error(const BeamStepCudaArgs& a, int64_t b, unsigned long long e,
+                                    int tid, int threads) {
+  for (int64_t j = tid; j < a.beam_width; j += threads)
+    write_beam(a, b * a.beam_width + j, CUDART_NAN_F, -1, -1, -1);
+  if (tid == 0) {
+    a.status[2 * b] = static_cast<int32_t>(e & 0xff);
+    a.status[2 * b + 1] = static_cast<int32_t>(e >> 8);
+  }
+}
+
+// Request b's first `kept` output beams are written: pad the rest and set its status.
+__device__ void finish_request(const BeamStepCudaArgs& a, int64_t b, int64_t kept, int tid,
+                               int threads) {
+  for (int64_t j = kept + tid; j < a.beam_width; j += threads)
+    write_beam(a, b * a.beam_width + j, -CUDART_INF_F, -1, -1, -1);
+  if (tid == 0) {
+    a.status[2 * b] = kept == 0 ? kBeamStatusEmpty : kBeamStatusOk;
+    a.status[2 * b + 1] = -1;
+  }
+}
+
 // Block `blockIdx.x` handles request b = blockIdx.x / splits, input beams [w0, w1) (its split's
 // contiguous range). kSplit: write the block's kept list for beam_merge_kernel; otherwise
 // (splits == 1) write the request's outputs.
@@ -348,16 +371,10 @@ __global__ void __launch_bounds__(kThreads)
   if (kSplit && tid == 0)
     reinterpret_cast<unsigned long long*>(ws + p.part_err)[part] = first_error;
   if (first_error != kNoError) {  // an input error: poison the request (uniform branch)
-    const unsigned long long e = first_error;
     if constexpr (kSplit) {  // the merge kernel reports the request's first error
       if (tid == 0) reinterpret_cast<int32_t*>(ws + p.part_count)[part] = 0;
     } else {
-      for (int64_t j = tid; j < W; j += kThreads)
-        write_beam(a, b * W + j, CUDART_NAN_F, -1, -1, -1);
-      if (tid == 0) {
-        a.status[2 * b] = static_cast<int32_t>(e & 0xff);
-        a.status[2 * b + 1] = static_cast<int32_t>(e >> 8);
-      }
+      write_request_error(a, b, first_error, tid, kThreads);
     }
     return;
   }
@@ -547,12 +564,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kSplit) {
     if (tid == 0) reinterpret_cast<int32_t*>(ws + p.part_count)[part] = static_cast<int32_t>(kept);
   } else {
-    for (int64_t j = kept + tid; j < W; j += kThreads)
-      write_beam(a, b * W + j, -CUDART_INF_F, -1, -1, -1);
-    if (tid == 0) {
-      a.status[2 * b] = kept == 0 ? kBeamStatusEmpty : kBeamStatusOk;
-      a.status[2 * b + 1] = -1;
-    }
+    finish_request(a, b, kept, tid, kThreads);
   }
 }
 
@@ -591,13 +603,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
   __syncthreads();
   if (sh_err != kNoError) {
-    const unsigned long long e = sh_err;
-    for (int64_t j = tid; j < W; j += kMergeThreads)
-      write_beam(a, b * W + j, CUDART_NAN_F, -1, -1, -1);
-    if (tid == 0) {
-      a.status[2 * b] = static_cast<int32_t>(e & 0xff);
-      a.status[2 * b + 1] = static_cast<int32_t>(e >> 8);
-    }
+    write_request_error(a, b, sh_err, tid, kMergeThreads);
     return;
   }
   for (int s = 0; s < splits; ++s) {
@@ -634,13 +640,7 @@ __global__ void __launch_bounds__(kMergeThreads)
       write_beam(a, b * W + rank, si, w, a.child_tokens[e], a.child_nodes[e]);
     }
   }
-  const int64_t kept = n < W ? n : W;
-  for (int64_t j = kept + tid; j < W; j += kMergeThreads)
-    write_beam(a, b * W + j, -CUDART_INF_F, -1, -1, -1);
-  if (tid == 0) {
-    a.status[2 * b] = kept == 0 ? kBeamStatusEmpty : kBeamStatusOk;
-    a.status[2 * b + 1] = -1;
-  }
+  finish_request(a, b, n < W ? n : W, tid, kMergeThreads);
 }
 
 // Blocks per request. Each block has a fixed latency of several microseconds (its chain of
