@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
@@ -13,6 +14,9 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #define SIGMA_FAST_HAVE_ATFORK 1
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 #endif
 
 namespace sigma_fast {
@@ -38,6 +42,7 @@ struct Job {
   std::mutex mutex;
   std::condition_variable finished;
   int64_t done = 0;
+  std::atomic<int64_t> done_seen{0};  // a copy of `done` the caller may poll without the mutex
   int64_t error_chunk = std::numeric_limits<int64_t>::max();
   std::exception_ptr error;
 
@@ -52,7 +57,8 @@ struct Job {
     // mutex: nothing touches the job after this block.
     std::lock_guard<std::mutex> lock(mutex);
     if (e && c < error_chunk) error_chunk = c, error = e;
-    if (++done == chunks) finished.notify_all();
+    done_seen.store(++done, std::memory_order_release);
+    if (done == chunks) finished.notify_all();
   }
 };
 
@@ -60,6 +66,16 @@ struct Job {
 // in order; a worker claims one chunk at a time. Workers are added when the thread count
 // grows and never removed (idle ones only sleep).
 class Pool {
+  static constexpr int kSpinUs = 200;
+
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
  public:
   void run(Job& job, int workers_wanted) {
     {
@@ -79,6 +95,14 @@ class Pool {
           break;
         }
     }
+    // The chunks still running elsewhere usually end within microseconds, and sleeping on the
+    // condition variable costs a wake-up of tens of them (more on a busy or virtual machine),
+    // so poll for a short while first. The mutex is taken either way: a worker that has just
+    // counted its chunk may still hold it.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+    while (job.done_seen.load(std::memory_order_acquire) != job.chunks &&
+           std::chrono::steady_clock::now() < deadline)
+      cpu_relax();
     std::unique_lock<std::mutex> lock(job.mutex);
     job.finished.wait(lock, [&] { return job.done == job.chunks; });
   }
