@@ -64,9 +64,15 @@ struct Job {
 
 // Persistent workers sleeping on a condition variable until a job is queued. Jobs are served
 // in order; a worker claims one chunk at a time. Workers are added when the thread count
-// grows and never removed (idle ones only sleep).
+// grows and never removed (idle ones only sleep). A worker that runs out of jobs polls for a
+// new one for kWorkerSpinUs before it sleeps, so back-to-back calls (a decode loop, a benchmark) find
+// it awake instead of paying a wake-up each.
 class Pool {
+  // How long the caller polls for the last chunks, and a worker for the next job, before they
+  // sleep. A worker's poll is short: it only has to bridge the Python between back-to-back
+  // calls, and on a small machine it competes with the caller's other threads while it polls.
   static constexpr int kSpinUs = 200;
+  static constexpr int kWorkerSpinUs = 50;
 
   static void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -83,6 +89,7 @@ class Pool {
       while (static_cast<int>(workers_.size()) < workers_wanted)
         workers_.emplace_back([this] { work(); });
       queue_.push_back(&job);
+      queued_.fetch_add(1, std::memory_order_release);
     }
     for (int i = 0; i < workers_wanted; ++i) wake_.notify_one();
     // The caller works through the chunks too: with sleepy or busy workers it does them all.
@@ -92,6 +99,7 @@ class Pool {
       for (auto it = queue_.begin(); it != queue_.end(); ++it)
         if (*it == &job) {
           queue_.erase(it);
+          queued_.fetch_sub(1, std::memory_order_relaxed);
           break;
         }
     }
@@ -111,10 +119,22 @@ class Pool {
   void work() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
+      if (queue_.empty()) {  // poll without the lock for a while, then sleep
+        lock.unlock();
+        const auto deadline =
+            std::chrono::steady_clock::now() + std::chrono::microseconds(kWorkerSpinUs);
+        while (queued_.load(std::memory_order_acquire) == 0 &&
+               std::chrono::steady_clock::now() < deadline)
+          cpu_relax();
+        lock.lock();
+      }
       wake_.wait(lock, [&] { return !queue_.empty(); });
       Job* job = queue_.front();
       const int64_t c = job->next.fetch_add(1);
-      if (c >= job->chunks - 1) queue_.pop_front();  // exhausted: nothing left to claim
+      if (c >= job->chunks - 1) {  // exhausted: nothing left to claim
+        queue_.pop_front();
+        queued_.fetch_sub(1, std::memory_order_relaxed);
+      }
       if (c >= job->chunks) continue;
       lock.unlock();
       job->run(c);
@@ -125,6 +145,7 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<Job*> queue_;
+  std::atomic<int> queued_{0};  // queue_.size(), for polling without the mutex
   std::vector<std::thread> workers_;
 };
 
