@@ -65,8 +65,8 @@ struct Job {
 // Persistent workers sleeping on a condition variable until a job is queued. Jobs are served
 // in order; a worker claims one chunk at a time. Workers are added when the thread count
 // grows and never removed (idle ones only sleep). A worker that runs out of jobs polls for a
-// new one for kWorkerSpinUs before it sleeps, so back-to-back calls (a decode loop, a benchmark) find
-// it awake instead of paying a wake-up each.
+// new one for kWorkerSpinUs before it sleeps, so back-to-back calls (a decode loop, a
+// benchmark) find it awake instead of paying a wake-up each.
 class Pool {
   // How long the caller polls for the last chunks, and a worker for the next job, before they
   // sleep. A worker's poll is short: it only has to bridge the Python between back-to-back
