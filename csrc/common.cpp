@@ -41,8 +41,7 @@ struct Job {
   // Guarded by mutex: finished chunks and the first (smallest-index) failure.
   std::mutex mutex;
   std::condition_variable finished;
-  int64_t done = 0;
-  std::atomic<int64_t> done_seen{0};  // a copy of `done` the caller may poll without the mutex
+  std::atomic<int64_t> done{0};  // finished chunks: counted under the mutex, polled without
   int64_t error_chunk = std::numeric_limits<int64_t>::max();
   std::exception_ptr error;
 
@@ -53,12 +52,11 @@ struct Job {
     } catch (...) {
       e = std::current_exception();
     }
-    // The caller destroys the job once done == chunks, which it can only observe under the
-    // mutex: nothing touches the job after this block.
+    // The caller destroys the job once done == chunks, and only after taking the mutex (it may
+    // see the count first by polling): nothing touches the job after this block.
     std::lock_guard<std::mutex> lock(mutex);
     if (e && c < error_chunk) error_chunk = c, error = e;
-    done_seen.store(++done, std::memory_order_release);
-    if (done == chunks) finished.notify_all();
+    if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) finished.notify_all();
   }
 };
 
@@ -74,12 +72,19 @@ class Pool {
   static constexpr int kSpinUs = 200;
   static constexpr int kWorkerSpinUs = 50;
 
-  static void cpu_relax() {
+  // Polls `ready` for up to `us` microseconds; true once it holds.
+  template <class Ready>
+  static bool poll(int us, Ready ready) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    while (!ready()) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
 #if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
+      _mm_pause();
 #else
-    std::this_thread::yield();
+      std::this_thread::yield();
 #endif
+    }
+    return true;
   }
 
  public:
@@ -107,10 +112,7 @@ class Pool {
     // condition variable costs a wake-up of tens of them (more on a busy or virtual machine),
     // so poll for a short while first. The mutex is taken either way: a worker that has just
     // counted its chunk may still hold it.
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
-    while (job.done_seen.load(std::memory_order_acquire) != job.chunks &&
-           std::chrono::steady_clock::now() < deadline)
-      cpu_relax();
+    poll(kSpinUs, [&] { return job.done.load(std::memory_order_acquire) == job.chunks; });
     std::unique_lock<std::mutex> lock(job.mutex);
     job.finished.wait(lock, [&] { return job.done == job.chunks; });
   }
@@ -121,11 +123,7 @@ class Pool {
     for (;;) {
       if (queue_.empty()) {  // poll without the lock for a while, then sleep
         lock.unlock();
-        const auto deadline =
-            std::chrono::steady_clock::now() + std::chrono::microseconds(kWorkerSpinUs);
-        while (queued_.load(std::memory_order_acquire) == 0 &&
-               std::chrono::steady_clock::now() < deadline)
-          cpu_relax();
+        poll(kWorkerSpinUs, [&] { return queued_.load(std::memory_order_acquire) != 0; });
         lock.lock();
       }
       wake_.wait(lock, [&] { return !queue_.empty(); });
