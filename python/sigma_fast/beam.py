@@ -355,52 +355,64 @@ _TRIE_NUMPY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _trie_numpy(trie: PrefixTrie):
-    """NumPy views of the trie's CSR arrays (CPU), cached per trie while its tensors stay the
-    same objects."""
+    """NumPy views of the trie's CSR arrays, cached per trie while its tensors stay the same
+    objects; (None, None, None) for a trie off the CPU."""
     co, ct, cn = trie.child_offsets, trie.child_tokens, trie.child_nodes
     hit = _TRIE_NUMPY.get(trie)
     if hit is not None and hit[0] is co and hit[1] is ct and hit[2] is cn:
         return hit[3]
+    if not (co.is_cpu and ct.is_cpu and cn.is_cpu):
+        return None, None, None
     arrays = (co.numpy(), ct.numpy(), cn.numpy())
     _TRIE_NUMPY[trie] = (co, ct, cn, arrays)
     return arrays
 
 
 def _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, normalize, on_empty):
-    """The step for the common CPU case, or None when the general path must take the call."""
+    """The step for the common CPU case, or None when the general path must take the call.
+
+    The tensors reach C++ as addresses with their sizes and strides (NumPy views of them would
+    cost more than a small step), so every property the C++ side relies on is tested here:
+    dtypes, CPU, shapes, contiguity (the general path explains whatever fails)."""
     if not (type(trie) is PrefixTrie and logits.dtype is torch.float32  # noqa: E721
             and beam_scores.dtype is torch.float32 and states.dtype is torch.int64
             and logits.is_cpu and beam_scores.is_cpu and states.is_cpu
-            and logits.dim() == 3 and type(beam_width) is int and beam_width >= 1  # noqa: E721
-            and on_empty in ON_EMPTY and not beam_scores.requires_grad):
+            and type(beam_width) is int and beam_width >= 1  # noqa: E721
+            and on_empty in ON_EMPTY and not logits.is_neg()):
         return None
     code = _NORMALIZE_CODE.get(normalize)
-    if code is None or logits.shape[2] != trie.codebook_size or not trie.child_offsets.is_cpu:
+    shape = logits.shape
+    if (code is None or len(shape) != 3 or shape[2] != trie.codebook_size
+            or beam_scores.shape != shape[:2] or states.shape != shape[:2]
+            or not (beam_scores.is_contiguous() and states.is_contiguous())):
         return None
-    al = None
+    co, ct, cn = _trie_numpy(trie)  # None unless the trie is on the CPU
+    if co is None:
+        return None
+    al, ld_al = 0, 0
     if allowed is not None:
         if not (type(allowed) is torch.Tensor and allowed.dtype is torch.bool  # noqa: E721
-                and allowed.is_cpu):
+                and allowed.is_cpu and allowed.shape[-1] == trie.num_nodes):
             return None
-        if allowed.dim() == 1:
-            allowed = allowed.unsqueeze(0)
-        if allowed.stride(-1) != 1:
+        if allowed.dim() == 2 and allowed.shape[0] == shape[0]:
+            if allowed.stride(1) != 1 and allowed.shape[1] > 1:
+                allowed = allowed.contiguous()
+            ld_al = allowed.stride(0) if shape[0] > 1 else 0
+        elif allowed.dim() != 1:
+            return None
+        elif allowed.stride(0) != 1 and allowed.shape[0] > 1:
             allowed = allowed.contiguous()
-        al = allowed.numpy()  # shape checked in C++ (a mismatch re-runs the general path)
+        al = allowed.data_ptr()
     core = load_core()
     if core is None:
         return None
-    if logits.stride(-1) != 1:
+    ld_b, ld_w, ld_k = logits.stride()
+    if ld_k != 1 and shape[2] > 1:
         logits = logits.contiguous()
-    co, ct, cn = _trie_numpy(trie)
-    try:
-        out = core.constrained_beam_step(
-            logits.detach().numpy(), beam_scores.numpy(), states.numpy(), co, ct, cn, al,
-            beam_width, code, on_empty == "pad")
-    except ValueError:
-        # Shape / layout problems surface from the binding as ValueError: the general path
-        # raises them with its own messages (value errors: the same ones again).
-        return None
+        ld_b, ld_w, ld_k = logits.stride()
+    out = core.constrained_beam_step_ptr(
+        logits.data_ptr(), shape[0], shape[1], shape[2], ld_b, ld_w, beam_scores.data_ptr(),
+        states.data_ptr(), co, ct, cn, al, ld_al, beam_width, code, on_empty == "pad")
     return BeamStep(torch.from_numpy(out[0]), torch.from_numpy(out[1]),
                     torch.from_numpy(out[2]), torch.from_numpy(out[3]))
 
