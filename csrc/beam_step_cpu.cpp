@@ -22,142 +22,175 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kLanes = 8;
 
-// exp(x) for x <= 0 in float32 (Cephes polynomial, ~1 ulp); exp(0) is exactly 1, which keeps
-// every log-softmax value <= 0 (the step prunes beams with that bound). Inputs below -87 are
-// clamped (their exp, < 2e-38, does not change a sum that contains exp(0) = 1). Fused
-// multiply-adds (std::fma here, the FMA instructions in the AVX2 twin) in the same places, so
-// both give the same bits.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::fma(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;  // round
-  float r = std::fma(-n, 0.693359375f, x);
-  r = std::fma(-n, -2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = std::fma(p, r, 1.3981999507e-3f);
-  p = std::fma(p, r, 8.3334519073e-3f);
-  p = std::fma(p, r, 4.1665795894e-2f);
-  p = std::fma(p, r, 1.6666665459e-1f);
-  p = std::fma(p, r, 5.0000001201e-1f);
-  p = std::fma(p * r, r, r) + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// exp(x - m) for x <= m in float32, as 2^t with t = (x - m) * log2(e), split into t = n + f
+// with n an integer and |f| <= 1/2: 2^f from a degree-5 minimax polynomial (2.7 ulp), 2^n
+// added to its exponent bits. x - m is exact near the maximum (and 0 at it, where the result
+// is exactly 1); the rounding of t adds an error that grows with |t|, but only terms near the
+// maximum weigh in a sum of them (at most 4 ulp over t in [-8, 0]). t is clamped at -125
+// (2^-125 cannot change a sum that contains exp(0) = 1) so the exponent stays in range, which
+// also maps x = -inf to a negligible positive value. The scalar twin uses std::fma and
+// std::nearbyint (round half to even, like the vector rounding), so both give the same bits.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kExpC1 = 6.9314700365e-01f, kExpC2 = 2.4022242427e-01f,
+                kExpC3 = 5.5507339537e-02f, kExpC4 = 9.6715139225e-03f,
+                kExpC5 = 1.3264719164e-03f;
+
+inline float exp_shifted(float x, float m) {
+  float t = (x - m) * kLog2e;
+  t = t > -125.0f ? t : -125.0f;
+  const float n = std::nearbyint(t);
+  const float f = t - n;
+  float p = kExpC5;
+  p = std::fma(p, f, kExpC4);
+  p = std::fma(p, f, kExpC3);
+  p = std::fma(p, f, kExpC2);
+  p = std::fma(p, f, kExpC1);
+  p = std::fma(p, f, 1.0f);
+  uint32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<uint32_t>(static_cast<int32_t>(n)) << 23;
+  std::memcpy(&p, &bits, sizeof(p));
+  return p;
 }
 
-// Row maximum, whether the row holds NaN or +inf, and the sums of x and |x| (for a lower bound
-// of the log-sum-exp). Lane-blocked from index 0 so max and bad depend only on the values.
+// One pass over a row: its maximum and minimum, the sum of its values (for a lower bound of
+// the log-sum-exp), and whether it holds NaN or +inf. `bad` is read off the sum (a NaN or +inf
+// value makes it NaN or +inf); a finite row whose sum overflows is flagged too, and the caller
+// confirms element by element. The sum runs in 4 x 8 lanes (blocks of 32 values, block j % 4
+// into set j; a last partial block's full groups of 8 into set 0, the rest into lane 0),
+// the sets combined as (s0 + s1) + (s2 + s3), then the lanes in order.
 struct RowScan {
-  float max;
+  float max, min, sum;
   bool bad;
-  float sum, sum_abs;
 };
 
+constexpr int kSets = 4;
+
 RowScan scan_row_generic(const float* x, int64_t k) {
-  float mx[kLanes], sum[kLanes], sum_abs[kLanes];
-  int bad[kLanes];
-  for (int j = 0; j < kLanes; ++j) mx[j] = -kInf, bad[j] = 0, sum[j] = 0.0f, sum_abs[j] = 0.0f;
-  int64_t i = 0;
-  for (; i + kLanes <= k; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const float v = x[i + j];
-      mx[j] = v > mx[j] ? v : mx[j];
-      bad[j] |= !(v < kInf);
-      sum[j] += v;
-      sum_abs[j] += std::fabs(v);
-    }
-  for (int j = 0; j < kLanes && i + j < k; ++j) {
-    const float v = x[i + j];
-    mx[0] = v > mx[0] ? v : mx[0];
-    bad[0] |= !(v < kInf);
-    sum[0] += v;
-    sum_abs[0] += std::fabs(v);
-  }
-  RowScan out{-kInf, false, 0.0f, 0.0f};
+  float mx[2][kLanes], mn[2][kLanes], sum[kSets][kLanes];
   for (int j = 0; j < kLanes; ++j) {
-    out.max = mx[j] > out.max ? mx[j] : out.max;
-    out.bad = out.bad || bad[j];
-    out.sum += sum[j];
-    out.sum_abs += sum_abs[j];
+    for (int h = 0; h < 2; ++h) mx[h][j] = -kInf, mn[h][j] = kInf;
+    for (int h = 0; h < kSets; ++h) sum[h][j] = 0.0f;
   }
+  auto add = [&](const float* v, int set, int half) {
+    for (int j = 0; j < kLanes; ++j) {
+      mx[half][j] = v[j] > mx[half][j] ? v[j] : mx[half][j];
+      mn[half][j] = v[j] < mn[half][j] ? v[j] : mn[half][j];
+      sum[set][j] += v[j];
+    }
+  };
+  int64_t i = 0;
+  for (; i + kSets * kLanes <= k; i += kSets * kLanes)
+    for (int h = 0; h < kSets; ++h) add(x + i + h * kLanes, h, h & 1);
+  for (; i + kLanes <= k; i += kLanes) add(x + i, 0, 0);
+  for (int j = 0; i + j < k; ++j) {
+    const float v = x[i + j];
+    mx[0][0] = v > mx[0][0] ? v : mx[0][0];
+    mn[0][0] = v < mn[0][0] ? v : mn[0][0];
+    sum[0][0] += v;
+  }
+  RowScan out{-kInf, kInf, 0.0f, false};
+  for (int j = 0; j < kLanes; ++j) {
+    const float m = mx[0][j] > mx[1][j] ? mx[0][j] : mx[1][j];
+    const float n = mn[0][j] < mn[1][j] ? mn[0][j] : mn[1][j];
+    out.max = m > out.max ? m : out.max;
+    out.min = n < out.min ? n : out.min;
+    out.sum += (sum[0][j] + sum[1][j]) + (sum[2][j] + sum[3][j]);
+  }
+  out.bad = !(out.sum < kInf);
   return out;
 }
 
-// sum_i exp(x[i] - m), summed in kLanes fixed lanes combined pairwise (deterministic).
+// sum_j exp(x[j] - m) for a row maximum m > -inf, in 2 x 8 lanes (groups of 8 alternate
+// between the two sets, a last odd group goes to set 0, the tail to lane j of set 0),
+// combined as set 0 + set 1, then the lanes pairwise (deterministic).
 float sum_exp_generic(const float* x, int64_t k, float m) {
-  float acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = 0.0f;
+  float acc[2][kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[0][j] = acc[1][j] = 0.0f;
   int64_t i = 0;
+  for (; i + 2 * kLanes <= k; i += 2 * kLanes)
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < kLanes; ++j) acc[h][j] += exp_shifted(x[i + h * kLanes + j], m);
   for (; i + kLanes <= k; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += exp_nonpositive(x[i + j] - m);
-  for (int j = 0; j < kLanes && i + j < k; ++j) acc[j] += exp_nonpositive(x[i + j] - m);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (int j = 0; j < kLanes; ++j) acc[0][j] += exp_shifted(x[i + j], m);
+  float a[kLanes];
+  for (int j = 0; j < kLanes; ++j) a[j] = acc[0][j] + acc[1][j];
+  for (int j = 0; i + j < k; ++j) a[j] += exp_shifted(x[i + j], m);
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// The same operations as the generic versions, 8 lanes at a time (lane j of the vector is
-// accumulator j), so both agree bitwise.
+// The same operations as the generic versions, 8 lanes at a time (lane j of a vector is
+// lane j of its set), so both agree bitwise.
 __attribute__((target("avx2"))) RowScan scan_row_avx2(const float* x, int64_t k) {
-  __m256 mx = _mm256_set1_ps(-kInf), bad = _mm256_setzero_ps();
-  __m256 sum = _mm256_setzero_ps(), sum_abs = _mm256_setzero_ps();
-  const __m256 inf = _mm256_set1_ps(kInf);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 mx0 = _mm256_set1_ps(-kInf), mx1 = mx0, mn0 = _mm256_set1_ps(kInf), mn1 = mn0;
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
+  for (; i + kSets * kLanes <= k; i += kSets * kLanes) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + kLanes);
+    const __m256 v2 = _mm256_loadu_ps(x + i + 2 * kLanes);
+    const __m256 v3 = _mm256_loadu_ps(x + i + 3 * kLanes);
+    // _mm256_max_ps(v, m) is v > m ? v : m, as in the generic loop (min likewise).
+    mx0 = _mm256_max_ps(v0, mx0), mn0 = _mm256_min_ps(v0, mn0), s0 = _mm256_add_ps(s0, v0);
+    mx1 = _mm256_max_ps(v1, mx1), mn1 = _mm256_min_ps(v1, mn1), s1 = _mm256_add_ps(s1, v1);
+    mx0 = _mm256_max_ps(v2, mx0), mn0 = _mm256_min_ps(v2, mn0), s2 = _mm256_add_ps(s2, v2);
+    mx1 = _mm256_max_ps(v3, mx1), mn1 = _mm256_min_ps(v3, mn1), s3 = _mm256_add_ps(s3, v3);
+  }
   for (; i + kLanes <= k; i += kLanes) {
     const __m256 v = _mm256_loadu_ps(x + i);
-    mx = _mm256_max_ps(v, mx);                                 // v > mx ? v : mx
-    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // !(v < inf)
-    sum = _mm256_add_ps(sum, v);
-    sum_abs = _mm256_add_ps(sum_abs, _mm256_and_ps(v, abs_mask));
+    mx0 = _mm256_max_ps(v, mx0), mn0 = _mm256_min_ps(v, mn0), s0 = _mm256_add_ps(s0, v);
   }
-  alignas(32) float m[kLanes], s[kLanes], sa[kLanes];
-  _mm256_store_ps(m, mx);
-  _mm256_store_ps(s, sum);
-  _mm256_store_ps(sa, sum_abs);
-  RowScan out{-kInf, _mm256_movemask_ps(bad) != 0, 0.0f, 0.0f};
-  for (int j = 0; j < kLanes && i + j < k; ++j) {
+  alignas(32) float m0[kLanes], m1[kLanes], n0[kLanes], n1[kLanes], s[kSets][kLanes];
+  _mm256_store_ps(m0, mx0), _mm256_store_ps(m1, mx1);
+  _mm256_store_ps(n0, mn0), _mm256_store_ps(n1, mn1);
+  _mm256_store_ps(s[0], s0), _mm256_store_ps(s[1], s1);
+  _mm256_store_ps(s[2], s2), _mm256_store_ps(s[3], s3);
+  for (int j = 0; i + j < k; ++j) {
     const float v = x[i + j];
-    m[0] = v > m[0] ? v : m[0];
-    out.bad = out.bad || !(v < kInf);
-    s[0] += v;
-    sa[0] += std::fabs(v);
+    m0[0] = v > m0[0] ? v : m0[0];
+    n0[0] = v < n0[0] ? v : n0[0];
+    s[0][0] += v;
   }
+  RowScan out{-kInf, kInf, 0.0f, false};
   for (int j = 0; j < kLanes; ++j) {
-    out.max = m[j] > out.max ? m[j] : out.max;
-    out.sum += s[j];
-    out.sum_abs += sa[j];
+    const float m = m0[j] > m1[j] ? m0[j] : m1[j];
+    const float n = n0[j] < n1[j] ? n0[j] : n1[j];
+    out.max = m > out.max ? m : out.max;
+    out.min = n < out.min ? n : out.min;
+    out.sum += (s[0][j] + s[1][j]) + (s[2][j] + s[3][j]);
   }
+  out.bad = !(out.sum < kInf);
   return out;
 }
 
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // x < -87 ? -87 : x (no NaN here)
-  const __m256 magic = _mm256_set1_ps(12582912.0f);
-  const __m256 n =
-      _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic), magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // fma(-n, c, x)
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+__attribute__((target("avx2,fma"))) inline __m256 exp_shifted8(__m256 x, __m256 m) {
+  __m256 t = _mm256_mul_ps(_mm256_sub_ps(x, m), _mm256_set1_ps(kLog2e));
+  t = _mm256_max_ps(t, _mm256_set1_ps(-125.0f));  // t > -125 ? t : -125 (no NaN here)
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(kExpC5);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpC4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpC3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpC2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExpC1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), scale));
 }
 
 __attribute__((target("avx2,fma"))) float sum_exp_avx2(const float* x, int64_t k, float m) {
-  __m256 acc = _mm256_setzero_ps();
   const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
+  for (; i + 2 * kLanes <= k; i += 2 * kLanes) {
+    acc0 = _mm256_add_ps(acc0, exp_shifted8(_mm256_loadu_ps(x + i), mv));
+    acc1 = _mm256_add_ps(acc1, exp_shifted8(_mm256_loadu_ps(x + i + kLanes), mv));
+  }
   for (; i + kLanes <= k; i += kLanes)
-    acc = _mm256_add_ps(acc, exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv)));
+    acc0 = _mm256_add_ps(acc0, exp_shifted8(_mm256_loadu_ps(x + i), mv));
   alignas(32) float a[kLanes];
-  _mm256_store_ps(a, acc);
-  for (int j = 0; j < kLanes && i + j < k; ++j) a[j] += exp_nonpositive(x[i + j] - m);
+  _mm256_store_ps(a, _mm256_add_ps(acc0, acc1));
+  for (int j = 0; i + j < k; ++j) a[j] += exp_shifted(x[i + j], m);
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
@@ -187,19 +220,26 @@ inline float sum_exp(const float* x, int64_t k, float m) {
   return sum_exp_generic(x, k, m);
 }
 
-// log(sum exp(x)) given the maximum m; -inf when every value is -inf.
+// log(sum exp(x)) given the maximum m and sum = sum exp(x - m); -inf when every value is
+// -inf. The maximum's own term is exactly 1, so sum >= 1 and lse >= m: every log-softmax value
+// is <= 0 (the step prunes beams with that bound).
 inline float log_sum_exp(float m, float sum) {
   return m == -kInf ? -kInf : m + std::log(sum);
 }
 
 // A lower bound of the row's computed log-sum-exp, for skipping rows that cannot contribute:
-// lse >= max (exactly, see exp_nonpositive) and lse >= log K + mean(x) (Jensen), the latter
-// lowered by a margin far above the float32 error of both sides.
+// lse >= max (exactly, see log_sum_exp) and lse >= log K + mean(x) (Jensen), the latter
+// lowered by a margin far above the float32 rounding of both sides: the sum of a row (and
+// the sum of its exps) errs by at most ~(K / 32 + 10) ulp of K * max|x| (resp. of the sum),
+// so the margin grows with K.
 inline float lse_lower_bound(const RowScan& scan, int64_t k, double log_k) {
-  if (k == 0 || !(scan.sum > -kInf) || !(scan.sum_abs < kInf)) return scan.max;
+  const double max_abs = std::max(std::fabs(static_cast<double>(scan.max)),
+                                  std::fabs(static_cast<double>(scan.min)));
+  if (k == 0 || !(scan.sum > -kInf) || !(max_abs < kInf)) return scan.max;
   const double mean = static_cast<double>(scan.sum) / static_cast<double>(k);
   const double jensen = log_k + mean;
-  const double margin = 1e-3 * (1.0 + std::fabs(jensen) + scan.sum_abs / static_cast<double>(k));
+  const double margin =
+      (1e-3 + 1e-7 * static_cast<double>(k)) * (1.0 + std::fabs(jensen) + max_abs);
   const float bound = static_cast<float>(jensen - margin);
   return bound > scan.max ? bound : scan.max;
 }
@@ -240,6 +280,14 @@ struct LiveBeam {
   float bs, max, lse; // beam score, row max, log-sum-exp (NaN until computed)
   float lse_bound;    // lower bound of lse (exact lse when known)
   float best;         // upper bound of the beam's best candidate score
+};
+
+// Per-thread buffers of step_request, reused across its requests.
+struct Scratch {
+  std::vector<Candidate> buf;   // accepted candidates
+  std::vector<LiveBeam> beams;  // the request's live beams, in beam order
+  std::vector<uint64_t> order;  // their visiting order (bound, index) keys
+  std::vector<int64_t> ranges;  // child ranges of the request's beams
 };
 
 // Cache lines of the trie and the logits a request will read, fetched ahead of time (see
@@ -304,8 +352,9 @@ void prefetch_rows(const BeamStepArgs& a, int64_t b, int64_t w0, int64_t w1) {
 // Only beams that can contribute pay for the log-sum-exp over their row. Scores are computed
 // as bs + (x - lse) in float32 (bs + x without normalization); they are monotone in x and
 // decrease in lse, so a bound of lse bounds the scores exactly.
-void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
-                  std::vector<LiveBeam>& beams, std::vector<int64_t>& ranges) {
+void step_request(const BeamStepArgs& a, int64_t b, Scratch& scratch) {
+  std::vector<Candidate>& buf = scratch.buf;
+  std::vector<LiveBeam>& beams = scratch.beams;
   const int64_t W = a.beam_width;
   const RanksBefore ranks_before;
   const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
@@ -325,8 +374,8 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
   // 0. The live beams' child ranges, read in a loop of independent loads (so their cache misses
   // overlap instead of waiting on each other between row scans), then their child lists
   // requested. States are checked here only to stay in bounds; 1. reports bad ones in order.
-  ranges.resize(static_cast<size_t>(2 * a.beams_in));
-  int64_t* range = ranges.data();
+  scratch.ranges.resize(static_cast<size_t>(2 * a.beams_in));
+  int64_t* range = scratch.ranges.data();
   for (int64_t w = 0; w < a.beams_in; ++w) {
     const int64_t i = b * a.beams_in + w;
     if (!live_state(a, i)) continue;
@@ -356,11 +405,13 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
                               beam_name(b, w));
     const float* row = a.logits + b * a.ld_b + w * a.ld_w;
     const RowScan scan = scan_row(row, a.k);
-    if (scan.bad) {
+    if (scan.bad) {  // NaN or +inf, or a finite row whose sum overflowed: look
       int64_t i = 0;
       while (i < a.k && row[i] < kInf) ++i;
-      throw std::invalid_argument("logits must not be NaN or +inf; got " + std::to_string(row[i]) +
-                                  " at " + beam_name(b, w) + ", index " + std::to_string(i));
+      if (i < a.k)
+        throw std::invalid_argument("logits must not be NaN or +inf; got " +
+                                    std::to_string(row[i]) + " at " + beam_name(b, w) +
+                                    ", index " + std::to_string(i));
     }
     const int64_t lo = range[2 * w], hi = range[2 * w + 1];  // read in 0. (a live state)
     if (lo < 0 || lo > hi || hi > a.slots)
@@ -381,7 +432,7 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
     } else if (a.normalize == BeamNormalize::kValid) {
       float sum = 0.0f;  // the exact lse over the allowed children is cheap: compute it now
       for (int64_t e = lo; e < hi; ++e)
-        if (node_of(e) >= 0) sum += exp_nonpositive(row[a.child_tokens[e]] - best_x);
+        if (node_of(e) >= 0) sum += exp_shifted(row[a.child_tokens[e]], best_x);
       lb.lse = lb.lse_bound = log_sum_exp(best_x, sum);
     } else {
       lb.lse = lb.lse_bound = 0.0f;
@@ -390,10 +441,22 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
     if (lb.best > -kInf) beams.push_back(lb);
   }
 
-  // 2. Best bound first; ties keep beam order.
-  std::sort(beams.begin(), beams.end(), [](const LiveBeam& x, const LiveBeam& y) {
-    return x.best != y.best ? x.best > y.best : x.w < y.w;
-  });
+  // 2. Best bound first; ties keep beam order: one integer key per live beam (its bound and
+  // its index in `beams`, which is in beam order), sorted by insertion (a few dozen keys,
+  // often nearly sorted already: the input beams come best first).
+  std::vector<uint64_t>& order = scratch.order;
+  order.resize(beams.size());
+  for (size_t i = 0; i < beams.size(); ++i) order[i] = rank_key(beams[i].best, int64_t(i));
+  if (order.size() > 64) {
+    std::sort(order.begin(), order.end());
+  } else {
+    for (size_t i = 1; i < order.size(); ++i) {
+      const uint64_t v = order[i];
+      size_t j = i;
+      for (; j > 0 && order[j - 1] > v; --j) order[j] = order[j - 1];
+      order[j] = v;
+    }
+  }
   float threshold = -kInf;  // the W-th best score so far (-inf until W candidates)
   bool have_w = false;
   auto accept = [&](float score, int64_t w, int64_t tok, int64_t node) {
@@ -409,7 +472,8 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
       buf.resize(static_cast<size_t>(W));
     }
   };
-  for (LiveBeam& lb : beams) {
+  for (const uint64_t key : order) {
+    LiveBeam& lb = beams[static_cast<uint32_t>(key)];
     if (have_w && lb.best < threshold) break;  // sorted: no later beam can contribute either
     const float* row = a.logits + b * a.ld_b + lb.w * a.ld_w;
     if (a.normalize == BeamNormalize::kFull) {
@@ -465,8 +529,8 @@ void step_request(const BeamStepArgs& a, int64_t b, std::vector<Candidate>& buf,
 // Requests [b0, b1) in order, with the memory each will read fetched a few requests ahead:
 // child offsets three requests ahead, child lists two ahead, the first logit rows one ahead.
 // `b` is left at the request being stepped (the failing one when this throws).
-void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, std::vector<Candidate>& buf,
-                   std::vector<LiveBeam>& beams, std::vector<int64_t>& ranges, int64_t& b) {
+void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, Scratch& scratch,
+                   int64_t& b) {
   for (int64_t b = b0; b < std::min(b1, b0 + 3); ++b) prefetch_offsets(a, b);
   for (int64_t b = b0; b < std::min(b1, b0 + 2); ++b) prefetch_children(a, b);
   if (b0 < b1) prefetch_rows(a, b0, 0, kRowsAhead);
@@ -474,7 +538,7 @@ void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, std::vector<Ca
     if (b + 3 < b1) prefetch_offsets(a, b + 3);
     if (b + 2 < b1) prefetch_children(a, b + 2);
     if (b + 1 < b1) prefetch_rows(a, b + 1, 0, kRowsAhead);
-    step_request(a, b, buf, beams, ranges);
+    step_request(a, b, scratch);
   }
 }
 
@@ -499,14 +563,12 @@ void constrained_beam_step_cpu(const BeamStepArgs& a) {
   int64_t failed = std::numeric_limits<int64_t>::max();
   std::exception_ptr error;
   auto run = [&](int64_t b0, int64_t b1) {
-    std::vector<Candidate> buf;
-    std::vector<LiveBeam> beams;
-    std::vector<int64_t> ranges;
-    buf.reserve(static_cast<size_t>(2 * a.beam_width));
-    beams.reserve(static_cast<size_t>(a.beams_in));
+    Scratch scratch;
+    scratch.buf.reserve(static_cast<size_t>(2 * a.beam_width));
+    scratch.beams.reserve(static_cast<size_t>(a.beams_in));
     int64_t b = b0;
     try {
-      step_requests(a, b0, b1, buf, beams, ranges, b);
+      step_requests(a, b0, b1, scratch, b);
     } catch (...) {
       // Report the smallest failing request whatever the thread timing.
       std::lock_guard<std::mutex> lock(mutex);
