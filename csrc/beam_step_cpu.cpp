@@ -552,13 +552,14 @@ void constrained_beam_step_cpu(const BeamStepArgs& a) {
   if (a.k > INT32_MAX || a.beams_in > INT32_MAX)
     throw std::invalid_argument("logits: at most 2^31 - 1 beams and codes per row");
   if (a.batch <= 0) return;
-  // About 16k logits of live beams per chunk, so small steps (and the first step of a search,
-  // one live beam per request) stay on the calling thread.
+  // About 8k logits of live beams per chunk: small steps stay on the calling thread (e.g. the
+  // first step of a search, one live beam per request, up to 32 requests of 256 codes), and
+  // steps of a few thousand rows split into chunks of one or two requests for balance.
   int64_t live = 0;
   for (int64_t i = 0; i < a.batch * a.beams_in; ++i) live += a.beam_scores[i] != -kInf;
   const int64_t per_request =
       std::max<int64_t>(1, live * std::max<int64_t>(a.k, 1) / std::max<int64_t>(a.batch, 1));
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / per_request);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / per_request);
   std::mutex mutex;
   int64_t failed = std::numeric_limits<int64_t>::max();
   std::exception_ptr error;
