@@ -482,6 +482,58 @@ def test_fast_path_layouts_give_the_general_path_results():
         assert torch.equal(got.parent, want.parent) and torch.equal(got.token, want.token)
 
 
+def test_fast_path_unusual_tensors_give_the_reference_results():
+    """Tensors whose memory is not laid out as their values suggest: expanded (stride 0)
+    logits rows and masks, a lazily negated view, rows of a mask that are not contiguous,
+    inputs that require grad. Every one must give the reference step on the plain values."""
+    trie, logits, scores, states = _pool_case(batch=6)
+    b, w, _ = logits.shape
+    rng = np.random.default_rng(1)
+    mask = torch.from_numpy(trie.allowed_nodes(rng.random(3000) < 0.5))
+    per_request = torch.from_numpy(
+        np.stack([trie.allowed_nodes(rng.random(3000) < 0.5) for _ in range(b)]))
+    one_row = logits[:, :1].expand(b, w, 256)  # every beam of a request reads the same row
+    cases = [
+        (one_row, scores, states, None),
+        (torch._neg_view(-logits), scores, states, None),
+        (logits, torch._neg_view(-scores), torch._neg_view(-states), None),
+        (logits.clone().requires_grad_(True), scores.clone().requires_grad_(True), states, None),
+        (logits, scores, states, mask),
+        (logits, scores, states, mask.expand(b, -1)),
+        (logits, scores, states, per_request),
+        (logits, scores, states, per_request.t().contiguous().t()),  # column-major rows
+        (logits, scores, states, mask[None]),
+    ]
+    for i, (lg, sc, st, al) in enumerate(cases):
+        if al is not None and al.shape[0] == 1:  # [1, N] for B = 6 requests: not a shape
+            with pytest.raises(ValueError, match=r"allowed must be \[num_nodes\]"):
+                sf.constrained_beam_step(lg, sc, st, trie, beam_width=9, allowed=al,
+                                         on_empty="pad")
+            continue
+        plain = [t.detach().resolve_neg().contiguous().numpy() for t in (lg, sc, st)]
+        want = reference.constrained_beam_step(
+            *plain, trie, beam_width=9, allowed=None if al is None else al.contiguous().numpy(),
+            on_empty="pad")
+        got = sf.constrained_beam_step(lg, sc, st, trie, beam_width=9, allowed=al,
+                                       on_empty="pad")
+        assert np.array_equal(got.parent.numpy(), want[1]), i
+        assert np.array_equal(got.token.numpy(), want[2]), i
+        np.testing.assert_allclose(got.scores.numpy(), want[0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_huge_finite_logits_are_not_errors(backend):
+    """Rows whose sum overflows float32 are finite all the same: no NaN / +inf error."""
+    _, trie = _toy()
+    logits = torch.tensor([[[3e38, 3e38, -3e38], [1.0, 2.0, 3.0]]])
+    scores, states = torch.tensor([[0.0, -1.0]]), torch.tensor([[1, 2]])
+    got = _step(backend, logits, scores, states, trie, beam_width=3, on_empty="pad")
+    want = reference.constrained_beam_step(logits.numpy(), scores.numpy(), states.numpy(),
+                                           trie, beam_width=3, on_empty="pad")
+    assert np.array_equal(got[1].numpy(), want[1]) and np.array_equal(got[2].numpy(), want[2])
+    np.testing.assert_allclose(got[0].numpy(), want[0], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -75,8 +75,10 @@ def _step_cpu(logits, beam_scores, states, co, ct, cn, allowed, beam_width, norm
     logits = _rows_contiguous(logits)  # a strided view of a wider vocabulary is used in place
     if allowed is not None:
         allowed = _rows_contiguous(allowed)
+    # resolve_neg: a lazily negated view (torch._neg_view) has no NumPy form of its values.
     out = load_core().constrained_beam_step(
-        logits.detach().numpy(), beam_scores.contiguous().numpy(), states.contiguous().numpy(),
+        logits.detach().resolve_neg().numpy(), beam_scores.resolve_neg().contiguous().numpy(),
+        states.resolve_neg().contiguous().numpy(),
         co.numpy(), ct.numpy(), cn.numpy(), None if allowed is None else allowed.numpy(),
         beam_width, NORMALIZE.index(normalize), on_empty == "pad")
     return tuple(torch.from_numpy(o) for o in out)
@@ -378,7 +380,8 @@ def _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, norma
             and beam_scores.dtype is torch.float32 and states.dtype is torch.int64
             and logits.is_cpu and beam_scores.is_cpu and states.is_cpu
             and type(beam_width) is int and beam_width >= 1  # noqa: E721
-            and on_empty in ON_EMPTY and not logits.is_neg()):
+            and on_empty in ON_EMPTY
+            and not (logits.is_neg() or beam_scores.is_neg() or states.is_neg())):
         return None
     code = _NORMALIZE_CODE.get(normalize)
     shape = logits.shape
