@@ -650,6 +650,24 @@ def test_minus_inf_logits_are_impossible_tokens():
                                  torch.zeros((1, 1), dtype=torch.int64), trie, beam_width=3)
 
 
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+@pytest.mark.parametrize("k", [8, 40, 256])
+def test_rows_with_many_minus_inf_logits_match_the_reference(backend, k):
+    """-inf logits anywhere in a row (the vector lanes and the tail): they are impossible
+    tokens, and the row's normalizer and bounds must ignore them."""
+    codes = clustered_codes(400, 2, k, clusters=40, noise=0.3, seed=k)
+    trie = sf.PrefixTrie(codes, codebook_size=k)
+    rng = np.random.default_rng(k)
+    logits, scores, states = _inputs(trie, 4, 6, rng, ties=False, strided=True, padding=0.1)
+    logits[torch.from_numpy(rng.random(tuple(logits.shape)) < 0.3)] = NEG
+    logits[0, 0] = NEG  # a whole row
+    for normalize in NORMALIZE:
+        got = _step(backend, logits, scores, states, trie, beam_width=5, normalize=normalize,
+                    on_empty="pad")
+        assert_beam_step_close(got, logits, scores, states, trie, beam_width=5,
+                               normalize=normalize)
+
+
 def test_trie_on_another_device_is_rejected():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
