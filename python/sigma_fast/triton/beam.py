@@ -104,9 +104,11 @@ def _beam_step_kernel(
         ok = ok & ~bad_trie
         cnt = tl.where(ok, cnt, 0)
 
-        # Children: corrupt entries, and the maximum over the allowed ones ("valid").
-        n_corrupt = tl.zeros((BLOCK_W,), tl.int32)
-        vmax = tl.full((BLOCK_W,), NEG, tl.float32)
+        # Children: corrupt entries, and the maximum over the allowed ones ("valid"). Both are
+        # accumulated elementwise and reduced after the loop: Triton 3.6's GPU pipeline
+        # (TritonGPUOptimizeThreadLocality) crashed on these reductions inside the loop.
+        corrupt2 = tl.zeros((BLOCK_W, BLOCK_K), tl.int32)
+        vmax2 = tl.full((BLOCK_W, BLOCK_K), NEG, tl.float32)
         for j0 in range(0, K, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K)
             cm = ok[:, None] & (js[None, :] < cnt[:, None])
@@ -114,13 +116,15 @@ def _beam_step_kernel(
             tok = tl.load(ct_ptr + e, mask=cm, other=0)
             node = tl.load(cn_ptr + e, mask=cm, other=0)
             sane = (tok >= 0) & (tok < K) & (node >= 0) & (node < NUM_NODES)
-            n_corrupt += tl.sum(tl.where(cm & ~sane, 1, 0), axis=1)
+            corrupt2 += tl.where(cm & ~sane, 1, 0)
             if NORM == 1:
                 use = cm & sane
                 if HAS_ALLOWED:
                     use = use & (tl.load(al_row + node, mask=use, other=0) != 0)
                 x = tl.load(row[:, None] + tok, mask=use, other=NEG)
-                vmax = tl.maximum(vmax, tl.max(x, axis=1))
+                vmax2 = tl.maximum(vmax2, x)
+        n_corrupt = tl.sum(corrupt2, axis=1)
+        vmax = tl.max(vmax2, axis=1)
         bad_trie = bad_trie | (ok & (n_corrupt > 0))
         ok = ok & (n_corrupt == 0)
 
