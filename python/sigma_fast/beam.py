@@ -375,7 +375,8 @@ def _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, norma
 
     The tensors reach C++ as addresses with their sizes and strides (NumPy views of them would
     cost more than a small step), so every property the C++ side relies on is tested here:
-    dtypes, CPU, shapes, contiguity (the general path explains whatever fails)."""
+    dtypes, CPU, shapes, contiguity, no lazily negated views (the general path explains
+    whatever fails)."""
     if not (type(trie) is PrefixTrie and logits.dtype is torch.float32  # noqa: E721
             and beam_scores.dtype is torch.float32 and states.dtype is torch.int64
             and logits.is_cpu and beam_scores.is_cpu and states.is_cpu
@@ -395,7 +396,8 @@ def _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, norma
     al, ld_al = 0, 0
     if allowed is not None:
         if not (type(allowed) is torch.Tensor and allowed.dtype is torch.bool  # noqa: E721
-                and allowed.is_cpu and allowed.shape[-1] == trie.num_nodes):
+                and allowed.is_cpu and allowed.dim() in (1, 2)
+                and allowed.shape[-1] == trie.num_nodes):
             return None
         if allowed.dim() == 2 and allowed.shape[0] == shape[0]:
             if allowed.stride(1) != 1 and allowed.shape[1] > 1:
