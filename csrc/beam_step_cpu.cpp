@@ -25,8 +25,8 @@ constexpr int kLanes = 8;
 // exp(x - m) for x <= m in float32, as 2^t with t = (x - m) * log2(e), split into t = n + f
 // with n an integer and |f| <= 1/2: 2^f from a degree-5 minimax polynomial (2.7 ulp), 2^n
 // added to its exponent bits. x - m is exact near the maximum (and 0 at it, where the result
-// is exactly 1); the rounding of t adds an error that grows with |t|, but only terms near the
-// maximum weigh in a sum of them (at most 4 ulp over t in [-8, 0]). t is clamped at -125
+// is exactly 1); the rounding of t adds an error that grows with |t| (at most 7 ulp over
+// t in [-8, 0], 66 ulp below, where a term weighs < 2^-8 of the maximum's). t is clamped at -125
 // (2^-125 cannot change a sum that contains exp(0) = 1) so the exponent stays in range, which
 // also maps x = -inf to a negligible positive value. The scalar twin uses std::fma and
 // std::nearbyint (round half to even, like the vector rounding), so both give the same bits.
@@ -56,9 +56,10 @@ inline float exp_shifted(float x, float m) {
 // One pass over a row: its maximum and minimum, the sum of its values (for a lower bound of
 // the log-sum-exp), and whether it holds NaN or +inf. `bad` is read off the sum (a NaN or +inf
 // value makes it NaN or +inf); a finite row whose sum overflows is flagged too, and the caller
-// confirms element by element. The sum runs in 4 x 8 lanes (blocks of 32 values, block j % 4
-// into set j; a last partial block's full groups of 8 into set 0, the rest into lane 0),
-// the sets combined as (s0 + s1) + (s2 + s3), then the lanes in order.
+// confirms element by element. The sum runs in 4 sets of 8 lanes: each block of 32 values
+// adds its h-th group of 8 to set h; after the last whole block, whole groups go to set 0 and
+// the rest to lane 0 of set 0. The sets are combined as (s0 + s1) + (s2 + s3), then the lanes
+// in order.
 struct RowScan {
   float max, min, sum;
   bool bad;
