@@ -263,23 +263,19 @@ def test_step(benchmark, catalog, machine, record, provider, shape, where, maske
     allowed = None if allowed_np is None else torch.from_numpy(allowed_np)
     logits, scores, states = _step_inputs(trie, allowed_np, batch, width, where)
     live_rows = int((scores > NEG).sum())
+    ours_step = lambda: sf.constrained_beam_step(  # noqa: E731
+        logits, scores, states, trie, beam_width=width, allowed=allowed, backend="cpu")
     extra = {}
     if provider == "sigma_fast[cpu]":
-        fn = lambda: sf.constrained_beam_step(  # noqa: E731
-            logits, scores, states, trie, beam_width=width, allowed=allowed, backend="cpu")
+        fn = ours_step
         rounds = STEP_ROUNDS
     elif provider.startswith("torch"):
         fanout = _level_fanout(trie, {"root": 0, "wide": 1, "deep": 2}[where])
         args = (trie.child_offsets, trie.child_tokens, trie.child_nodes, allowed, width, fanout)
         fn = lambda: _torch_csr_step(logits, scores, states, *args)  # noqa: E731
         rounds = STEP_ROUNDS
-        ours = sf.constrained_beam_step(logits, scores, states, trie, beam_width=width,
-                                        allowed=allowed)
-        theirs = fn()
-        torch.testing.assert_close(theirs[0], ours.scores, atol=1e-4, rtol=1e-5)
-        extra["ours_x_interleaved"] = _interleaved_ratio(
-            lambda: sf.constrained_beam_step(logits, scores, states, trie, beam_width=width,
-                                             allowed=allowed, backend="cpu"), fn, rounds)
+        torch.testing.assert_close(fn()[0], ours_step().scores, atol=1e-4, rtol=1e-5)
+        extra["ours_x_interleaved"] = _interleaved_ratio(ours_step, fn, rounds)
     else:
         if where == "wide" or batch * width > 320:
             pytest.skip("transformers baseline: (1, 20) and (16, 20) at the root and deep levels")
