@@ -8,10 +8,12 @@ no host synchronisation.
    and the node's CSR range; log-sum-exp in float32 (max, then sum of exp(x - max), then
    max + log(sum): over the whole row, over the allowed children, or none). The first failing
    beam (in beam order) is recorded.
-2. Every candidate is scored once into a [W_in, K] workspace: cell (w, j) holds the score of
-   slot ``child_offsets[state_w] + j`` (-inf when j is past the node's children, the child is
-   not allowed or the score is -inf). Tokens ascend within a node, so the flat cell index
-   w * K + j orders candidates by (parent, token).
+2. Every candidate is scored once into a workspace of [W_end, SPAN] cells (SPAN: the most
+   children of a beam that passes the checks, W_end: one past the last such beam; found by a
+   first pass over the beams' states): cell (w, j) holds the score of slot
+   ``child_offsets[state_w] + j`` (-inf when j is past the node's children, the child is not
+   allowed or the score is -inf). Tokens ascend within a node, so the flat cell index
+   w * SPAN + j orders candidates by (parent, token).
 3. Exact selection of the W best by (score descending, cell index ascending): a radix select
    (4 passes of 8-bit histograms) over the integer order key of the scores finds the W-th best
    key T; every candidate better than T is kept, and of those equal to T the first ones in
@@ -67,11 +69,34 @@ def _beam_step_kernel(
     zero = b * 0  # int64 scalar: loop-carried values keep one type
     NEG = float("-inf")
     INF = float("inf")
-    n_cells = W_IN * K
-    cand_row = cand_ptr + b * n_cells
+    cand_row = cand_ptr + b * (W_IN * K)
     al_row = al_ptr + b * ld_al
     err_beam = zero + W_IN  # first failing beam; W_IN = none
     err_code = zero
+
+    # ---- 0. the workspace's extent: SPAN = the most children of a beam that passes the score,
+    # state and range checks of 1. (cells w * SPAN + j, j < SPAN, still order candidates by
+    # (parent, token)), and only beams before the last such beam hold cells. A deep step (a
+    # few children per beam) or a root step (one live beam) then selects over a few hundred
+    # cells instead of W_IN * K.
+    span_v = tl.zeros((BLOCK_W,), tl.int64)
+    end_v = tl.zeros((BLOCK_W,), tl.int64)
+    for w0 in range(0, W_IN, BLOCK_W):
+        ws = w0 + tl.arange(0, BLOCK_W).to(tl.int64)
+        wm = ws < W_IN
+        bs = tl.load(bs_ptr + b * W_IN + ws, mask=wm, other=NEG)
+        live = wm & (bs != NEG) & (bs < INF)
+        st = tl.load(st_ptr + b * W_IN + ws, mask=live, other=0)
+        live = live & (st >= 0) & (st < NUM_NODES)
+        st = tl.where(live, st, 0)
+        lo = tl.load(co_ptr + st, mask=live, other=0)
+        hi = tl.load(co_ptr + st + 1, mask=live, other=0)
+        cnt = hi - lo
+        sane = live & (lo >= 0) & (cnt > 0) & (hi <= SLOTS) & (cnt <= K)
+        span_v = tl.maximum(span_v, tl.where(sane, cnt, 0))
+        end_v = tl.maximum(end_v, tl.where(sane, ws + 1, 0))
+    SPAN = tl.maximum(tl.max(span_v, axis=0), 1)
+    n_cells = tl.max(end_v, axis=0) * SPAN
 
     # ---- 1. beams: checks, log-sum-exp, candidate scores into the workspace
     for w0 in range(0, W_IN, BLOCK_W):
@@ -109,7 +134,7 @@ def _beam_step_kernel(
         # (TritonGPUOptimizeThreadLocality) crashed on these reductions inside the loop.
         corrupt2 = tl.zeros((BLOCK_W, BLOCK_K), tl.int32)
         vmax2 = tl.full((BLOCK_W, BLOCK_K), NEG, tl.float32)
-        for j0 in range(0, K, BLOCK_K):
+        for j0 in range(0, SPAN, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K)
             cm = ok[:, None] & (js[None, :] < cnt[:, None])
             e = lo[:, None] + js[None, :]
@@ -141,7 +166,7 @@ def _beam_step_kernel(
         elif NORM == 1:  # over the allowed children
             mv = tl.where(vmax > NEG, vmax, 0.0)
             total = tl.zeros((BLOCK_W,), tl.float32)
-            for j0 in range(0, K, BLOCK_K):
+            for j0 in range(0, SPAN, BLOCK_K):
                 js = j0 + tl.arange(0, BLOCK_K)
                 use = ok[:, None] & (js[None, :] < cnt[:, None])
                 e = lo[:, None] + js[None, :]
@@ -160,7 +185,7 @@ def _beam_step_kernel(
         bs = tl.where(ok, bs, 0.0)  # (NaN / inf scores of failing beams stay out of the math)
 
         tl.store(lo_ptr + b * W_IN + ws, lo, mask=wm)
-        for j0 in range(0, K, BLOCK_K):
+        for j0 in range(0, SPAN, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K)
             use = ok[:, None] & (js[None, :] < cnt[:, None])
             e = lo[:, None] + js[None, :]
@@ -174,8 +199,8 @@ def _beam_step_kernel(
             else:
                 score = bs[:, None] + (x - lse[:, None])
             score = tl.where(use, score, NEG)
-            tl.store(cand_row + ws[:, None] * K + js[None, :], score,
-                     mask=wm[:, None] & (js < K)[None, :])
+            tl.store(cand_row + ws[:, None] * SPAN + js[None, :], score,
+                     mask=wm[:, None] & (js < SPAN)[None, :])
 
         code = tl.where(bad_score, _BAD_SCORE, tl.where(bad_state, _BAD_STATE, tl.where(
             bad_logit, _BAD_LOGIT, tl.where(bad_trie, _BAD_TRIE, 0))))
@@ -247,8 +272,8 @@ def _beam_step_kernel(
         before = jm[:, None] & ((sj[:, None] > si[None, :]) |
                                 ((sj[:, None] == si[None, :]) & (cj[:, None] < ci[None, :])))
         rank += tl.sum(before.to(tl.int64), axis=0)
-    parent = ci // K
-    slot = tl.load(lo_ptr + b * W_IN + parent, mask=om, other=0) + (ci - parent * K)
+    parent = ci // SPAN
+    slot = tl.load(lo_ptr + b * W_IN + parent, mask=om, other=0) + (ci - parent * SPAN)
     token = tl.load(ct_ptr + slot, mask=om, other=-1)
     node = tl.load(cn_ptr + slot, mask=om, other=-1)
     out = b * W + rank
