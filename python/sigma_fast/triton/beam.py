@@ -9,11 +9,11 @@ no host synchronisation.
    max + log(sum): over the whole row, over the allowed children, or none). The first failing
    beam (in beam order) is recorded.
 2. Every candidate is scored once into a workspace of [W_end, SPAN] cells (SPAN: the most
-   children of a beam that passes the checks, rounded up to a multiple of 16 within K; W_end:
-   one past the last such beam; both found by a first pass over the beams' states): cell
-   (w, j) holds the score of slot ``child_offsets[state_w] + j`` (-inf when j is past the
-   node's children, the child is not allowed or the score is -inf). Tokens ascend within a
-   node, so the flat cell index w * SPAN + j orders candidates by (parent, token).
+   children of a beam that passes the checks, W_end: one past the last such beam; found by a
+   first pass over the beams' states): cell (w, j) holds the score of slot
+   ``child_offsets[state_w] + j`` (-inf when j is past the node's children, the child is not
+   allowed or the score is -inf). Tokens ascend within a node, so the flat cell index
+   w * SPAN + j orders candidates by (parent, token).
 3. Exact selection of the W best by (score descending, cell index ascending): a radix select
    (4 passes of 8-bit histograms) over the integer order key of the scores finds the W-th best
    key T; every candidate better than T is kept, and of those equal to T the first ones in
@@ -95,9 +95,7 @@ def _beam_step_kernel(
         sane = live & (lo >= 0) & (cnt > 0) & (hi <= SLOTS) & (cnt <= K)
         span_v = tl.maximum(span_v, tl.where(sane, cnt, 0))
         end_v = tl.maximum(end_v, tl.where(sane, ws + 1, 0))
-    # Rounded up to a multiple of 16 (within K) so that the compiler can vectorize the
-    # workspace's stores and loads.
-    SPAN = tl.maximum(tl.minimum((tl.max(span_v, axis=0) + 15) // 16 * 16, K), 1)
+    SPAN = tl.maximum(tl.max(span_v, axis=0), 1)
     n_cells = tl.max(end_v, axis=0) * SPAN
 
     # ---- 1. beams: checks, log-sum-exp, candidate scores into the workspace
