@@ -62,7 +62,7 @@ def _beam_step_kernel(
     cand_ptr, lo_ptr, sel_s_ptr, sel_i_ptr,
     W_IN, K, W, NUM_NODES, SLOTS,
     HAS_ALLOWED: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_OUT: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -79,16 +79,15 @@ def _beam_step_kernel(
     # (parent, token)), and only beams before the last such beam hold cells. A deep step (a
     # few children per beam) or a root step (one live beam) then selects over a few hundred
     # cells instead of W_IN * K.
-    # BLOCK_P beams at a time (all of them, up to 256), the scores and states loaded together:
-    # two rounds of dependent loads per request.
-    span_v = tl.zeros((BLOCK_P,), tl.int64)
-    end_v = tl.zeros((BLOCK_P,), tl.int64)
-    for w0 in range(0, W_IN, BLOCK_P):
-        ws = w0 + tl.arange(0, BLOCK_P).to(tl.int64)
+    span_v = tl.zeros((BLOCK_W,), tl.int64)
+    end_v = tl.zeros((BLOCK_W,), tl.int64)
+    for w0 in range(0, W_IN, BLOCK_W):
+        ws = w0 + tl.arange(0, BLOCK_W).to(tl.int64)
         wm = ws < W_IN
         bs = tl.load(bs_ptr + b * W_IN + ws, mask=wm, other=NEG)
-        st = tl.load(st_ptr + b * W_IN + ws, mask=wm, other=0)
-        live = wm & (bs != NEG) & (bs < INF) & (st >= 0) & (st < NUM_NODES)
+        live = wm & (bs != NEG) & (bs < INF)
+        st = tl.load(st_ptr + b * W_IN + ws, mask=live, other=0)
+        live = live & (st >= 0) & (st < NUM_NODES)
         st = tl.where(live, st, 0)
         lo = tl.load(co_ptr + st, mask=live, other=0)
         hi = tl.load(co_ptr + st + 1, mask=live, other=0)
@@ -341,7 +340,7 @@ def constrained_beam_step(logits, beam_scores, states, child_offsets, child_toke
             cand, lo, sel_s, sel_i,
             w_in, k, beam_width, child_offsets.shape[0] - 1, child_tokens.shape[0],
             HAS_ALLOWED=allowed is not None, NORM=int(normalize),
-            BLOCK_W=_pow2(w_in, 16), BLOCK_P=_pow2(w_in, 256), BLOCK_K=_pow2(k, 128),
+            BLOCK_W=_pow2(w_in, 16), BLOCK_K=_pow2(k, 128),
             BLOCK_C=max(_MIN_BLOCK_C, _pow2(w_in * k, 1024)),
             BLOCK_OUT=block_out, BLOCK_J=min(block_out, 64),
         )
