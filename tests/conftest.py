@@ -60,3 +60,13 @@ def device_for(backend: str) -> str:
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: torch's thread pool only adds contention (seconds per step on a busy
+    2-core machine). Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from sigma_fast.testing import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -47,14 +47,14 @@ def pattern_setup(tmp_path, *, prefix_len=1, seed=0):
     """(dataset, fitted HybridItemTokenizer) for the pattern catalogue."""
     import numpy as np
 
-    import sigma_fast as sf
-    from sigma_fast.data import load_dataset
-    from sigma_fast.data.grounding_data import hashed_text_features
+    from sigma_fast.rec import HybridItemTokenizer
+    from sigma_fast.rec.data import load_dataset
+    from sigma_fast.rec.grounding import hashed_text_features
 
     ds = load_dataset(write_pattern_dataset(tmp_path / "pat"), cache_dir=False, max_history=10)
     feats = hashed_text_features(ds.item_texts, 64)
     rng = np.random.default_rng(seed)
     id_emb = rng.standard_normal((ds.num_items, 16)).astype(np.float32)
-    items = sf.HybridItemTokenizer(num_levels=3, codebook_size=6, prefix_len=prefix_len,
-                                   iters=5).fit(feats, id_embeddings=id_emb, seed=seed)
+    items = HybridItemTokenizer(num_levels=3, codebook_size=6, prefix_len=prefix_len,
+                                iters=5).fit(feats, id_embeddings=id_emb, seed=seed)
     return ds, items

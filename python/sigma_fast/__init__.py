@@ -1,24 +1,29 @@
 """sigma_fast: SIGMA generative recommendation with semantic IDs, with a fast compiled core.
 
-Ops (each with reference / cpu / cuda / triton backends, see ``backends()``):
-    rq_encode, rq_decode, dedup_codes, ResidualQuantizer
-    apf_fuse over an ItemIndex (adaptive probabilistic fusion)
-    PrefixTrie + constrained_beam_step (trie-constrained beam search over semantic IDs)
+The ops library (this package; every op has reference / cpu / cuda / triton backends, see
+``backends()``):
 
-Pipeline (imported on first use):
-    grounding: views, BPR teacher, L_CL + λ·L_KD, GroundingModel / train_grounding, recall_at_k
-    tokenization: HybridItemTokenizer (SID prefix tokens + Proj&Fuse unique item embedding)
+    rq_encode, rq_decode, dedup_codes, ResidualQuantizer       residual quantization (semantic IDs)
+    PrefixTrie, constrained_beam_step, BeamStep                trie-constrained beam search
+    ItemIndex, apf_fuse                                        adaptive probabilistic fusion
+    SIDVocab, constrained_beam_search, SearchResult,           generation with Hugging Face LMs
+    SIDConstrainedLogitsProcessor, check_generation_config
+
+Above it (imports only go down): ``sigma_fast.rec`` (the SIGMA application: data, grounding,
+hybrid tokenization, model, SFT, three-step generation, evaluation, the pipeline),
+``sigma_fast.serving`` (serving engine and front ends) and ``sigma_fast.apps`` (the
+``sigma-fast`` command line).
 """
 
 from ._backends import BackendStatus, backends, build_info
+from ._version import __version__
 from .apf import apf_fuse
-from .beam import BeamStep, constrained_beam_step
-from .index import ItemIndex
+from .beam_step import BeamStep, constrained_beam_step
+from .item_index import ItemIndex
 from .quantizer import ResidualQuantizer
-from .rq import rq_decode, rq_encode, dedup_codes
+from .rq import dedup_codes, rq_decode, rq_encode
+from .sid_vocab import SIDVocab
 from .trie import PrefixTrie
-
-__version__ = "0.1.0"
 
 
 def set_num_threads(n: int) -> None:
@@ -35,15 +40,10 @@ def get_num_threads() -> int:
     return int(require_backend("cpu").get_num_threads())
 
 
-_LAZY = {name: ".search" for name in ("SIDConstrainedLogitsProcessor", "SIDVocab",
-                                      "SearchResult", "check_generation_config",
-                                      "constrained_beam_search")}
-_LAZY.update({name: ".grounding" for name in (
-    "GroundingModel", "Pairs", "agreement_report", "attribute_pairs", "co_interaction_pairs",
-    "grounding_loss", "info_nce_loss", "kd_loss", "merge_views", "neighbour_pairs",
-    "recall_at_k", "train_bpr", "train_grounding")})
-_LAZY.update({name: ".tokenization" for name in (
-    "HybridItemTokenizer", "ProjFuse", "default_codebook_size")})
+# The Hugging Face adaptors are imported on first use: they are heavier than the ops.
+_LAZY = {"SearchResult": ".search", "constrained_beam_search": ".search",
+         "SIDConstrainedLogitsProcessor": ".logits_processor",
+         "check_generation_config": ".logits_processor"}
 
 
 def __getattr__(name: str):
@@ -63,37 +63,22 @@ def __dir__():
 __all__ = [
     "BackendStatus",
     "BeamStep",
-    "GroundingModel",
-    "HybridItemTokenizer",
     "ItemIndex",
-    "Pairs",
     "PrefixTrie",
-    "ProjFuse",
     "ResidualQuantizer",
     "SIDConstrainedLogitsProcessor",
     "SIDVocab",
     "SearchResult",
-    "agreement_report",
+    "__version__",
     "apf_fuse",
-    "attribute_pairs",
     "backends",
     "build_info",
     "check_generation_config",
-    "co_interaction_pairs",
     "constrained_beam_search",
     "constrained_beam_step",
     "dedup_codes",
-    "default_codebook_size",
     "get_num_threads",
-    "grounding_loss",
-    "info_nce_loss",
-    "kd_loss",
-    "merge_views",
-    "neighbour_pairs",
-    "recall_at_k",
     "rq_decode",
     "rq_encode",
     "set_num_threads",
-    "train_bpr",
-    "train_grounding",
 ]

@@ -1,4 +1,12 @@
-"""Which backends this installation can run, and why not where it cannot."""
+"""Which backends this installation can run (and why not where it cannot), and the one dispatch
+rule every op follows.
+
+Dispatch (``select``): a forced ``backend`` is checked and used; otherwise CPU tensors run on
+``cpu`` (the C++ core), CUDA tensors on ``cuda``, else ``triton``, else the C++ core on host
+copies, else the NumPy ``reference``. Each op registers its implementations in a dict
+``{backend: fn}``; ``run_op`` calls a registered custom op directly in plain eager mode and
+through ``torch.ops`` under torch.compile, export or a dispatch mode.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -140,3 +149,94 @@ def require_backend(name: str):
     if module is None:
         raise RuntimeError(f"backend {name!r} is not available: {backends()[name].reason}")
     return module
+
+
+# ------------------------------------------------------------------------------- dispatch
+def select(op: str, impls: dict[str, Callable], backend: str | None, device, *,
+           unsupported: dict[str, str] | None = None) -> tuple[str, Callable]:
+    """``(backend name, implementation)`` of ``op`` for tensors on ``device`` (see the module
+    docstring; the C++ core on host copies of CUDA tensors is named "cpu").
+
+    ``unsupported`` maps backends that cannot run this particular call to the reason (e.g. the
+    Triton RQ encoder is greedy only): forcing one raises NotImplementedError with the reason;
+    the default choice skips it.
+    """
+    unsupported = unsupported or {}
+    if backend:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
+        require_backend(backend)
+        if backend in ("cpu", "cuda") and device.type != backend:
+            raise ValueError(f"{op}: backend {backend!r} needs {backend.upper()} tensors; got "
+                             f"tensors on {device}")
+        if backend == "triton" and device.type == "cpu" and not triton_interpreted():
+            raise ValueError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+        if backend in unsupported:
+            raise NotImplementedError(f"{op}: the {backend} backend {unsupported[backend]}")
+        return backend, impls[backend]
+    if device.type == "cpu":
+        name = "cpu" if load_core() is not None else "reference"
+        return name, impls[name]
+    if device.type == "cuda":
+        if load_cuda() is not None and "cuda" not in unsupported:
+            return "cuda", impls["cuda"]
+        if load_triton() is not None and "triton" not in unsupported:
+            return "triton", impls["triton"]
+        if load_core() is not None:
+            return "cpu", on_host(impls["cpu"], device)
+    return "reference", impls["reference"]
+
+
+def on_host(fn: Callable, device) -> Callable:
+    """``fn`` run on CPU copies of its tensor arguments, its tensor results moved to ``device``."""
+    import torch
+
+    def host(*args):
+        out = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+        if isinstance(out, torch.Tensor):
+            return out.to(device)
+        return tuple(o.to(device) if isinstance(o, torch.Tensor) else o for o in out)
+
+    return host
+
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - other torch versions: always go through the dispatcher
+    _get_current_dispatch_mode = None
+
+
+def eager() -> bool:
+    """True outside torch.compile / export tracing and outside any TorchDispatchMode (fake
+    tensors, ...): then an op's implementation can run directly."""
+    import torch
+
+    if _get_current_dispatch_mode is None or torch.compiler.is_compiling():
+        return False
+    return _get_current_dispatch_mode() is None
+
+
+def run_op(op, impl: Callable, *args):
+    """Call a registered custom op ``op`` (``torch.ops.sigma_fast.<name>``) whose Python body is
+    ``impl``: directly in plain eager mode (a Python custom op's dispatch costs tens of
+    microseconds, more than a small op), through the dispatcher when tracing or under a
+    dispatch mode, so torch.compile and export see the op and its fake kernel."""
+    return impl(*args) if eager() else op(*args)
+
+
+def cuda_stream(device) -> int:
+    """The raw handle of the caller's current CUDA stream on ``device`` (kernels never launch on
+    stream 0 unless the caller is on it)."""
+    import torch
+
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def capturing(device) -> bool:
+    """True while the current CUDA stream of ``device`` is being captured into a CUDA graph:
+    host-side value checks (which synchronise) must be skipped then."""
+    if getattr(device, "type", None) != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.is_current_stream_capturing()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._backends import BACKENDS, load_cuda, load_core, load_triton, triton_interpreted
 
 
 def as_tensor(a, name: str) -> tuple[torch.Tensor, bool]:
@@ -57,6 +56,21 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+def check_mask(mask, name: str, width: int, width_name: str, *, batch: int | None = None):
+    """A bool mask over ``width`` entries (items or trie nodes), ``[width]`` shared by every
+    request or ``[batch, width]`` one row per request (any number of rows when ``batch`` is
+    None). Returns ``(tensor, was_numpy)``; the one place that states what a mask must be."""
+    m, was_numpy = as_tensor(mask, name)
+    check_dtype(m, name, (torch.bool,))
+    rows = "B" if batch is None else f"B = {batch}"
+    if not (m.dim() == 1 and m.shape[0] == width) and not (
+            m.dim() == 2 and m.shape[1] == width and (batch is None or m.shape[0] == batch)):
+        raise ValueError(f"{name} must be a mask [{width_name} = {width}] shared by every "
+                         f"request or [{rows}, {width_name} = {width}] per request; got shape "
+                         f"{list(m.shape)}")
+    return m, was_numpy
+
+
 # Value checks of CPU tensors run in NumPy: torch's CPU reductions wake its OpenMP pool, whose
 # spinning threads would then compete with the C++ kernels' threads for the cores.
 
@@ -85,31 +99,3 @@ def check_index_range(t: torch.Tensor, name: str, upper: int) -> None:
         bad_value = lo if lo < 0 else hi
         where = (t == bad_value).nonzero()[0].tolist()
         raise IndexError(f"{name} must lie in [0, {upper}); got {bad_value} at index {where}")
-
-
-def resolve_backend(backend: str | None, device: torch.device, *, op: str,
-                    greedy_only_triton: bool = False) -> str:
-    """Pick the backend for tensors on ``device``: the forced one (checked), else the fastest
-    available: cpu for CPU tensors, cuda then triton for CUDA tensors, reference otherwise."""
-    if backend is None or backend == "":
-        if device.type == "cpu":
-            return "cpu" if load_core() is not None else "reference"
-        if device.type == "cuda":
-            if load_cuda() is not None:
-                return "cuda"
-            if load_triton() is not None and not greedy_only_triton:
-                return "triton"
-            return "reference"
-        return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
-    from ._backends import require_backend
-
-    require_backend(backend)
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"{op}: backend 'cpu' needs CPU tensors; got tensors on {device}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors; got tensors on {device}")
-    if backend == "triton" and device.type == "cpu" and not triton_interpreted():
-        raise ValueError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
-    return backend

@@ -1,9 +1,10 @@
 """Adaptive probabilistic fusion: apf_fuse (steps 2 and 3 of SIGMA's three-step generation).
 
 The public function validates shapes, dtypes and devices (static facts, traceable by
-torch.compile), then calls the registered custom op ``sigma_fast::apf_fuse`` on the index's
-tensors; the op's implementation checks values (finite scores, bucket ids in range, non-zero
-queries) and dispatches to a backend.
+torch.compile), then runs the custom op ``sigma_fast::apf_fuse`` on the index's tensors
+(``run_op``: its implementation directly in eager mode, the registered op when tracing); the
+implementation checks values (finite scores, bucket ids in range, non-zero queries; skipped while
+a CUDA graph is being captured, since the check synchronises) and dispatches to a backend.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ import numpy as np
 import torch
 
 from . import reference
-from ._backends import load_core, load_cuda, load_triton
+from ._backends import capturing, cuda_stream, load_core, load_cuda, load_triton, run_op, select
 from ._checks import (
     as_tensor,
     check_dtype,
     check_int,
+    check_mask,
     check_rank,
     check_same_device,
     dtype_name,
-    resolve_backend,
     to_output,
 )
-from .index import ItemIndex
+from .item_index import ItemIndex
 
 NORMALIZE_MODES = ("top_m", "bucket")
 
@@ -56,10 +57,6 @@ def _apf_reference(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, 
 
 def _apf_cpu(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, adaptive,
              sigma_min, normalize, dedup, return_buckets):
-    device = phi.device  # CUDA inputs without a CUDA kernel run here on host copies
-    phi, pids, q, emb, offsets, item_ids = (t.cpu() for t in (phi, pids, q, emb, offsets,
-                                                              item_ids))
-    allowed = None if allowed is None else allowed.cpu()
     b, k = phi.shape
     m = top_m if return_buckets else 0
     ids = torch.empty((b, top_n), dtype=torch.int64)
@@ -73,7 +70,7 @@ def _apf_cpu(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, a
         None if allowed is None else arr(allowed), top_m, top_n, tau, adaptive, sigma_min,
         normalize == "bucket", dedup, ids.numpy(), logp.numpy(), src.numpy(),
         b_ids.numpy() if return_buckets else None, b_sims.numpy() if return_buckets else None)
-    return tuple(t.to(device) for t in (ids, logp, src, b_ids, b_sims))
+    return ids, logp, src, b_ids, b_sims
 
 
 _EMB_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/apf_cuda.h
@@ -110,7 +107,7 @@ def _apf_cuda(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, 
             item_ids.data_ptr(), mask_ptr, mask_ld, mask_len, top_m, top_n, tau, adaptive,
             sigma_min, normalize == "bucket", dedup, ids.data_ptr(), logp.data_ptr(),
             src.data_ptr(), b_ids.data_ptr() if m else 0, b_sims.data_ptr() if m else 0,
-            ws.data_ptr(), ws.numel(), torch.cuda.current_stream(device).cuda_stream)
+            ws.data_ptr(), ws.numel(), cuda_stream(device))
     return ids, logp, src, b_ids, b_sims
 
 
@@ -154,6 +151,28 @@ def _check_values(phi, pids, q, num_buckets):
                          f"L2-normalised); got an all-zero query at index {_first(bad)}")
 
 
+def _triton_top_m_limit() -> float:
+    tri = load_triton()
+    return tri.apf.MAX_TOP_M if tri is not None else math.inf
+
+
+def _apf_fuse_impl(prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids, allowed,
+                   top_m, top_n, tau, adaptive, sigma_min, normalize, dedup, return_buckets,
+                   backend):
+    if not capturing(queries.device):
+        _check_values(prefix_scores, prefix_ids, queries, offsets.shape[0] - 1)
+    unsupported = {}
+    if top_m > _triton_top_m_limit():
+        unsupported["triton"] = (f"supports top_m <= {_triton_top_m_limit()}; got top_m={top_m}: "
+                                 f"use backend='cuda' or 'cpu'")
+    name, fuse = select("apf_fuse", _APF, backend, queries.device, unsupported=unsupported)
+    if name != "cuda" and embeddings.dtype != torch.float32:
+        raise TypeError(f"apf_fuse ({name}): index embeddings must be float32 (float16/bfloat16 "
+                        f"indexes run on the cuda backend); got {dtype_name(embeddings.dtype)}")
+    return fuse(prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids, allowed,
+                top_m, top_n, tau, adaptive, sigma_min, normalize, dedup, return_buckets)
+
+
 @torch.library.custom_op("sigma_fast::apf_fuse", mutates_args=())
 def _apf_fuse_op(
     prefix_scores: torch.Tensor, prefix_ids: torch.Tensor, queries: torch.Tensor,
@@ -161,21 +180,9 @@ def _apf_fuse_op(
     allowed: torch.Tensor | None, top_m: int, top_n: int, tau: float, adaptive: bool,
     sigma_min: float, normalize: str, dedup: bool, return_buckets: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_values(prefix_scores, prefix_ids, queries, offsets.shape[0] - 1)
-    name = resolve_backend(backend, queries.device, op="apf_fuse")
-    if not backend:
-        # CUDA inputs: cuda, else triton (while top_m fits its kernel), else the cpu kernel on
-        # host copies (faster than the reference).
-        if name == "triton" and top_m > load_triton().apf.MAX_TOP_M:
-            name = "reference"
-        if name == "reference" and load_core() is not None:
-            name = "cpu"
-    if name != "cuda" and embeddings.dtype != torch.float32:
-        raise TypeError(f"apf_fuse ({name}): index embeddings must be float32 (float16/bfloat16 "
-                        f"indexes run on the cuda backend); got {dtype_name(embeddings.dtype)}")
-    return _APF[name](prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids,
-                      allowed, top_m, top_n, tau, adaptive, sigma_min, normalize, dedup,
-                      return_buckets)
+    return _apf_fuse_impl(prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids,
+                          allowed, top_m, top_n, tau, adaptive, sigma_min, normalize, dedup,
+                          return_buckets, backend)
 
 
 @_apf_fuse_op.register_fake
@@ -296,17 +303,9 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
     check_same_device(index.embeddings, "the index", pids, "prefix_ids")
     check_same_device(index.embeddings, "the index", q, "queries")
     if allowed is not None:
-        mask, _ = as_tensor(allowed, "allowed")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"allowed must be bool; got {dtype_name(mask.dtype)}")
-        shape = list(mask.shape)
-        if mask.dim() == 1:
-            mask = mask.unsqueeze(0)
-        if mask.dim() != 2 or mask.shape[1] != index.id_bound or mask.shape[0] not in (1, b):
-            raise ValueError(f"allowed must be [id_bound] or [B, id_bound] = {[b, index.id_bound]}"
-                             f" (id_bound = the index's max item id + 1); got shape {shape}")
+        mask, _ = check_mask(allowed, "allowed", index.id_bound, "index.id_bound", batch=b)
         check_same_device(index.embeddings, "the index", mask, "allowed")
-        allowed = mask
+        allowed = mask if mask.dim() == 2 else mask.unsqueeze(0)
     top_m = check_int(top_m, "top_m", 1)
     top_n = check_int(top_n, "top_n", 1)
     tau = _check_real(tau, "tau", positive=True)
@@ -318,8 +317,8 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}; got {normalize!r}")
     if pids.dtype != torch.int64:
         pids = pids.to(torch.int64)
-    out = torch.ops.sigma_fast.apf_fuse(
-        phi, pids, q, index.embeddings, index.offsets, index.item_ids, allowed, top_m, top_n,
-        tau, adaptive, sigma_min, normalize, dedup, return_buckets, backend or "")
+    out = run_op(torch.ops.sigma_fast.apf_fuse, _apf_fuse_impl, phi, pids, q, index.embeddings,
+                 index.offsets, index.item_ids, allowed, top_m, top_n, tau, adaptive, sigma_min,
+                 normalize, dedup, return_buckets, backend or "")
     out = tuple(to_output(t, was_numpy) for t in out)
     return out if return_buckets else out[:3]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import reference
-from ._backends import load_core, load_cuda, load_triton
+from ._backends import capturing, cuda_stream, load_core, load_cuda, load_triton, run_op, select
 from ._checks import (
     as_tensor,
     check_dtype,
@@ -21,7 +21,6 @@ from ._checks import (
     check_int,
     check_rank,
     check_same_device,
-    resolve_backend,
     to_output,
 )
 
@@ -50,10 +49,6 @@ def _encode_cpu(x, codebooks, beam_width):
     return codes, err
 
 
-def _cuda_stream(device):
-    return torch.cuda.current_stream(device).cuda_stream
-
-
 def _encode_cuda(x, codebooks, beam_width):
     mod = load_cuda()
     if x.shape[1] > 1 and x.stride(1) != 1:
@@ -70,16 +65,11 @@ def _encode_cuda(x, codebooks, beam_width):
     with torch.cuda.device(x.device):
         mod.rq_encode(x.data_ptr(), n, d, x.stride(0) if n > 1 else d, codebooks.data_ptr(),
                       levels, k, beam_width, codes.data_ptr(), err.data_ptr(), ws.data_ptr(),
-                      ws.numel(), _cuda_stream(x.device))
+                      ws.numel(), cuda_stream(x.device))
     return codes, err
 
 
 def _encode_triton(x, codebooks, beam_width):
-    if beam_width != 1:
-        raise NotImplementedError(
-            f"the triton backend implements greedy encoding only (beam_width=1); got "
-            f"beam_width={beam_width}: use backend='cuda' or 'cpu'"
-        )
     return load_triton().rq.rq_encode(x, codebooks)
 
 
@@ -117,7 +107,7 @@ def _decode_cuda(codes, codebooks, levels):
         mod.rq_decode(codes.data_ptr(), codes.dtype == torch.int64, n,
                       codes.stride(0) if n > 1 else codes.shape[1], levels,
                       codebooks.data_ptr(), k, d, out.data_ptr(),
-                      _cuda_stream(codebooks.device))
+                      cuda_stream(codebooks.device))
     return out
 
 
@@ -135,22 +125,27 @@ _DECODERS = {
 # --------------------------------------------------------------------------- custom ops
 
 
-# NumPy inputs call the implementations directly: the dispatcher adds nothing for them, and its
-# first call imports torch._dynamo (seconds), which a command-line user would feel.
+# The implementations check values (a host sync on CUDA, skipped while a CUDA graph is being
+# captured), then dispatch.
 
 
 def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, backend: str):
-    check_finite(x, "x")
-    check_finite(codebooks, "codebooks")
-    name = resolve_backend(backend, x.device, op="rq_encode", greedy_only_triton=beam_width > 1)
-    return _ENCODERS[name](x, codebooks, beam_width)
+    if not capturing(x.device):
+        check_finite(x, "x")
+        check_finite(codebooks, "codebooks")
+    unsupported = {} if beam_width == 1 else {
+        "triton": f"encodes greedily only (beam_width=1); got beam_width={beam_width}: use "
+                  f"backend='cuda' or 'cpu'"}
+    _, encode = select("rq_encode", _ENCODERS, backend, x.device, unsupported=unsupported)
+    return encode(x, codebooks, beam_width)
 
 
 def _rq_decode_impl(codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str):
-    check_finite(codebooks, "codebooks")
-    check_index_range(codes[:, :levels], "codes", codebooks.shape[1])
-    name = resolve_backend(backend, codebooks.device, op="rq_decode")
-    return _DECODERS[name](codes, codebooks, levels)
+    if not capturing(codebooks.device):
+        check_finite(codebooks, "codebooks")
+        check_index_range(codes[:, :levels], "codes", codebooks.shape[1])
+    _, decode = select("rq_decode", _DECODERS, backend, codebooks.device)
+    return decode(codes, codebooks, levels)
 
 
 @torch.library.custom_op("sigma_fast::rq_encode", mutates_args=())
@@ -231,8 +226,8 @@ def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
             f"codebooks must have D = {x_t.shape[1]} (x's last dimension); got shape {list(cb_t.shape)}"
         )
     beam_width = check_int(beam_width, "beam_width", 1)
-    encode = _rq_encode_impl if was_numpy else torch.ops.sigma_fast.rq_encode
-    codes, err = encode(x_t, cb_t, beam_width, backend or "")
+    codes, err = run_op(torch.ops.sigma_fast.rq_encode, _rq_encode_impl, x_t, cb_t, beam_width,
+                        backend or "")
     if return_error:
         return to_output(codes, was_numpy), to_output(err, was_numpy)
     return to_output(codes, was_numpy)
@@ -266,8 +261,8 @@ def rq_decode(codes, codebooks, *, levels: int | None = None, backend: str | Non
     levels = check_int(levels, "levels", 0)
     if levels > codes_t.shape[1]:
         raise ValueError(f"levels must be <= {codes_t.shape[1]} (codes' columns); got {levels}")
-    decode = _rq_decode_impl if was_numpy else torch.ops.sigma_fast.rq_decode
-    out = decode(codes_t, cb_t, levels, backend or "")
+    out = run_op(torch.ops.sigma_fast.rq_decode, _rq_decode_impl, codes_t, cb_t, levels,
+                 backend or "")
     return to_output(out, was_numpy)
 
 

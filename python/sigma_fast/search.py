@@ -1,149 +1,39 @@
 """Trie-constrained semantic-ID generation with Hugging Face causal LMs.
 
-Two entry points, both backed by ``PrefixTrie`` and the ``constrained_beam_step`` op:
-
-- ``constrained_beam_search(model, input_ids, attention_mask, trie, ...)``: our own batched
-  beam search. The prompt is prefilled once per request (not once per beam), the KV cache is
-  expanded to the beams only after the first level, and each later level is one forward pass of
-  one token per beam followed by a cache reorder by parent. ``num_levels < L`` searches
-  prefixes only (step 1 of SIGMA's three-step generation).
-- ``SIDConstrainedLogitsProcessor``: a ``transformers`` LogitsProcessor that replaces
-  ``prefix_allowed_tokens_fn`` in ``model.generate(num_beams=...)``, vectorized over beams.
+``constrained_beam_search(model, input_ids, attention_mask, trie, ...)``, backed by
+``PrefixTrie`` and the ``constrained_beam_step`` op, is our own batched beam search. The prompt
+is prefilled once per request (not once per beam), the KV cache is expanded to the beams only
+after the first level, and each later level is one forward pass of one token per beam followed
+by a cache reorder by parent. ``num_levels < L`` searches prefixes only (step 1 of SIGMA's
+three-step generation).
+(``SIDConstrainedLogitsProcessor`` in ``logits_processor.py`` constrains transformers' own
+``generate`` instead.)
 
 Semantic-ID tokens live in the LM's vocabulary at per-level offsets: code ``c`` of level ``l``
 is vocabulary id ``token_offsets[l] + c`` (``SIDVocab``). Levels may share one range (equal
 offsets) or use disjoint ranges.
 
-transformers itself is imported only where a class from it is needed (the processor's base
-class); ``import sigma_fast`` does not import it.
+``import sigma_fast`` does not import transformers; version differences go through
+``sigma_fast._hf``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-from ._checks import as_tensor, check_dtype, check_int, check_rank
-from .beam import constrained_beam_step
+from . import _hf
+from ._checks import check_dtype, check_int, check_mask, check_rank
+from .beam_step import constrained_beam_step
+from .sid_vocab import as_vocab
 from .trie import PrefixTrie
 
+__all__ = ["NORMALIZE", "SearchResult", "constrained_beam_search"]
+
 NORMALIZE = ("full", "vocab", "valid", "none")
-
-try:  # the processor subclasses transformers' base class when transformers is installed
-    from transformers import LogitsProcessor as _LogitsProcessorBase
-except ImportError:  # pragma: no cover - exercised only without transformers
-    _LogitsProcessorBase = object
-
-
-# ------------------------------------------------------------------------------ the vocab map
-class SIDVocab:
-    """Where the semantic-ID codes sit in an LM's vocabulary.
-
-    ``SIDVocab(token_offsets, codebook_size)``: code ``c`` of level ``l`` (0-based) is token id
-    ``token_offsets[l] + c``, for ``c`` in ``[0, codebook_size)``. Levels may share one range
-    (equal offsets, e.g. codes mapped onto existing vocabulary ids) or have their own (new
-    tokens ``<l_c>`` added level by level, see ``SIDVocab.add_tokens``).
-    """
-
-    def __init__(self, token_offsets: Sequence[int], codebook_size: int):
-        if isinstance(token_offsets, SIDVocab):
-            token_offsets = token_offsets.token_offsets
-        if isinstance(token_offsets, (torch.Tensor, np.ndarray)):
-            token_offsets = token_offsets.tolist()
-        if isinstance(token_offsets, (int, np.integer)) or not isinstance(token_offsets,
-                                                                           (list, tuple)):
-            raise TypeError(f"token_offsets must be a sequence of ints, one per level (vocab id of "
-                            f"code 0 at each level); got {type(token_offsets).__name__}")
-        if len(token_offsets) == 0:
-            raise ValueError("token_offsets must have one entry per level; got an empty sequence")
-        self.token_offsets = tuple(check_int(o, f"token_offsets[{i}]", 0)
-                                   for i, o in enumerate(token_offsets))
-        self.codebook_size = check_int(codebook_size, "codebook_size", 1)
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.token_offsets)
-
-    @property
-    def vocab_end(self) -> int:
-        """One past the largest token id any level uses (the LM's vocabulary must reach it)."""
-        return max(self.token_offsets) + self.codebook_size
-
-    def level_slice(self, level: int) -> slice:
-        """The vocabulary slice holding level ``level``'s codes."""
-        off = self.token_offsets[level]
-        return slice(off, off + self.codebook_size)
-
-    def token_ids(self, codes):
-        """Codes [..., l] (levels 0 .. l-1 in the last dimension) -> vocabulary ids (int64)."""
-        c, was_numpy = as_tensor(codes, "codes")
-        check_dtype(c, "codes", (torch.int32, torch.int64))
-        if c.dim() == 0 or c.shape[-1] > self.num_levels:
-            raise ValueError(f"codes must be [..., l] with 1 <= l <= {self.num_levels} levels; got "
-                             f"shape {list(c.shape)}")
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook_size):
-            raise IndexError(f"codes must lie in [0, {self.codebook_size}); got values in "
-                             f"[{int(c.min())}, {int(c.max())}]")
-        off = torch.tensor(self.token_offsets[: c.shape[-1]], dtype=torch.int64, device=c.device)
-        out = c.to(torch.int64) + off
-        return out.numpy() if was_numpy else out
-
-    def codes(self, token_ids):
-        """Vocabulary ids [..., l] -> codes of levels 0 .. l-1, -1 where an id is not a code of
-        its level."""
-        t, was_numpy = as_tensor(token_ids, "token_ids")
-        check_dtype(t, "token_ids", (torch.int32, torch.int64))
-        if t.dim() == 0 or t.shape[-1] > self.num_levels:
-            raise ValueError(f"token_ids must be [..., l] with 1 <= l <= {self.num_levels}; got "
-                             f"shape {list(t.shape)}")
-        off = torch.tensor(self.token_offsets[: t.shape[-1]], dtype=torch.int64, device=t.device)
-        c = t.to(torch.int64) - off
-        out = torch.where((c >= 0) & (c < self.codebook_size), c, torch.full_like(c, -1))
-        return out.numpy() if was_numpy else out
-
-    @classmethod
-    def add_tokens(cls, tokenizer, num_levels: int, codebook_size: int,
-                   template: str = "<sid_{level}_{code}>") -> "SIDVocab":
-        """Add ``num_levels * codebook_size`` new tokens (level-major) to a HF tokenizer and
-        return their map. Resize the model's embeddings afterwards
-        (``model.resize_token_embeddings(len(tokenizer))``)."""
-        num_levels = check_int(num_levels, "num_levels", 1)
-        codebook_size = check_int(codebook_size, "codebook_size", 1)
-        names = [template.format(level=lv, code=c) for lv in range(num_levels)
-                 for c in range(codebook_size)]
-        tokenizer.add_tokens(names, special_tokens=True)
-        ids = tokenizer.convert_tokens_to_ids(names)
-        offsets = [ids[lv * codebook_size] for lv in range(num_levels)]
-        expected = [o + c for o in offsets for c in range(codebook_size)]
-        if ids != expected:
-            raise ValueError("the tokenizer did not give the new SID tokens consecutive ids per "
-                             "level (some already existed?); use distinct token names")
-        return cls(offsets, codebook_size)
-
-    def __repr__(self) -> str:
-        return (f"SIDVocab(token_offsets={list(self.token_offsets)}, "
-                f"codebook_size={self.codebook_size})")
-
-
-def _as_vocab(token_offsets, trie: PrefixTrie) -> SIDVocab:
-    if isinstance(token_offsets, SIDVocab):
-        if token_offsets.codebook_size != trie.codebook_size:
-            raise ValueError(f"token_offsets (SIDVocab) has codebook_size "
-                             f"{token_offsets.codebook_size}, the trie {trie.codebook_size}")
-        vocab = token_offsets
-    else:
-        vocab = SIDVocab(token_offsets, trie.codebook_size)
-    if vocab.num_levels < trie.num_levels:
-        raise ValueError(f"token_offsets must have one entry per trie level ({trie.num_levels}); "
-                         f"got {vocab.num_levels}")
-    return vocab
 
 
 def _vocab_size(model) -> int | None:
@@ -155,7 +45,6 @@ def _vocab_size(model) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
-# ------------------------------------------------------------------------------- the search
 @dataclass
 class SearchResult:
     """Output of ``constrained_beam_search``; beams sorted best first within each request.
@@ -244,20 +133,6 @@ def _check_prompt(input_ids, attention_mask):
     return input_ids.long(), mask
 
 
-def _item_mask(allowed, trie: PrefixTrie, batch: int):
-    if allowed is None:
-        return None
-    m, _ = as_tensor(allowed, "allowed")
-    check_dtype(m, "allowed", (torch.bool,))
-    bound = trie.item_id_bound
-    if not (m.dim() == 1 and m.shape[0] == bound) and not (
-            m.dim() == 2 and list(m.shape) == [batch, bound]):
-        raise ValueError(f"allowed must be an item mask [N] = [{bound}] shared by every request or "
-                         f"[B, N] = [{batch}, {bound}] (N = trie.item_id_bound); got shape "
-                         f"{list(m.shape)}")
-    return m
-
-
 def _first_allowed_item(trie: PrefixTrie, states, begin, end, item_mask):
     """First allowed item id under each node (trie order); -1 for padding (states -1)."""
     live = states >= 0
@@ -277,11 +152,6 @@ def _first_allowed_item(trie: PrefixTrie, states, begin, end, item_mask):
         first = torch.gather(ids, -1, ok.to(torch.uint8).argmax(-1, keepdim=True))[..., 0]
         live &= ok.any(-1)
     return torch.where(live, first, torch.full_like(first, -1))
-
-
-def _output_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 @contextlib.contextmanager
@@ -310,13 +180,6 @@ def _code_rows_head(model, lo: int, hi: int, enabled: bool):
             yield lo
     finally:
         model.set_output_embeddings(head)
-
-
-def _forward_kwargs(model) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):  # pragma: no cover
-        return set()
 
 
 def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixTrie | None = None,
@@ -378,7 +241,7 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
         raise TypeError(f"trie must be a sigma_fast.PrefixTrie; got {type(trie).__name__}")
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
-    vocab = _as_vocab(token_offsets, trie)
+    vocab = as_vocab(token_offsets, trie)
     beam_width = check_int(beam_width, "beam_width", 1)
     levels = trie.num_levels if num_levels is None else check_int(num_levels, "num_levels", 1)
     if levels > trie.num_levels:
@@ -401,7 +264,10 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
                          f"the model's vocabulary of {vocab_size}")
     device = input_ids.device
     trie_d = trie.to(device)
-    item_mask = _item_mask(allowed, trie, batch)
+    item_mask = None
+    if allowed is not None:
+        item_mask = check_mask(allowed, "allowed", trie.item_id_bound, "trie.item_id_bound",
+                               batch=batch)[0]
     allowed_nodes = None
     if item_mask is not None:
         on_trie = item_mask.device.type == "cpu" or item_mask.device == device
@@ -412,10 +278,9 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
                          f"{return_cache!r}")
     per_beam = return_cache in (True, "beams")
 
-    accepts = _forward_kwargs(model)
+    accepts = _hf.forward_params(model)
     pos_kw = "position_ids" in accepts or "kwargs" in accepts
-    # transformers >= 5.x names the cache argument ``cache``; earlier versions past_key_values.
-    cache_kw = "cache" if "cache" in accepts else "past_key_values"
+    cache_kw = _hf.cache_kwarg(model)
     lengths = mask.sum(1)  # true prompt lengths
     prefill = dict(attention_mask=mask, use_cache=True)
     if inputs_embeds is None:
@@ -423,7 +288,7 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
     else:
         prefill["inputs_embeds"] = inputs_embeds
     if pos_kw:
-        prefill["position_ids"] = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        prefill["position_ids"] = _hf.position_ids(mask)
     if "logits_to_keep" in accepts:
         prefill["logits_to_keep"] = 1
 
@@ -435,7 +300,7 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
     with torch.no_grad(), _code_rows_head(model, lo, hi, narrow):
         out = model(**prefill)
         calls += 1
-        cache = _output_cache(out)
+        cache = _hf.output_cache(out)
         if cache is None or not hasattr(cache, "reorder_cache"):
             raise TypeError(f"{type(model).__name__} returned no reorderable cache "
                             f"(past_key_values={type(cache).__name__}); constrained_beam_search "
@@ -462,7 +327,7 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
                     kw["position_ids"] = (pos_bw + (level - 1)).unsqueeze(1)
                 out = model(**kw)
                 calls += 1
-                cache = _output_cache(out)
+                cache = _hf.output_cache(out)
                 logits = out.logits[:, -1, :].reshape(batch, beam_width, -1)
                 del out
             off = vocab.token_offsets[level] - base
@@ -512,205 +377,3 @@ def constrained_beam_search(model, input_ids, attention_mask=None, trie: PrefixT
         result.next_token_ids = (codes[:, :, -1].clamp(min=0)
                                  + vocab.token_offsets[levels - 1]).reshape(-1)
     return result
-
-
-# ------------------------------------------------------------------- the LogitsProcessor
-_PRUNING_SETTINGS = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
-                     "top_h")
-_SCORE_CHANGING = ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty",
-                   "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                   "sequence_bias", "forced_eos_token_id", "forced_bos_token_id")
-
-
-def check_generation_config(generation_config, *, warn: bool = True) -> list[str]:
-    """Settings of a ``GenerationConfig`` that would change or prune the constrained scores.
-
-    In ``model.generate`` the sampling warpers (``top_k``, ``top_p``, ``min_p``, ...) run after
-    every logits processor, and only when ``do_sample=True``: they can then drop valid SID
-    tokens (a trie-valid token outside the LM's top-k is silently never generated). Other
-    processors (``repetition_penalty``, ``no_repeat_ngram_size``, ``suppress_tokens``, ...)
-    change scores whatever ``do_sample`` is: SID codes legitimately repeat across levels.
-    Returns one line per problem (and warns when ``warn``). Pass ``do_sample=False,
-    top_k=None, top_p=None`` to ``generate`` explicitly.
-    """
-    problems = []
-    get = lambda name: getattr(generation_config, name, None)  # noqa: E731
-    if get("do_sample"):
-        problems.append("do_sample=True: sampling instead of exact beam search")
-        for name in _PRUNING_SETTINGS:
-            value = get(name)
-            if value is None:
-                continue
-            prunes = {"top_k": value not in (0,), "top_p": value < 1.0,
-                      "typical_p": value < 1.0}.get(name, value > 0)
-            if prunes:
-                problems.append(f"{name}={value} with do_sample=True prunes tokens after the SID "
-                                f"constraint (valid SID tokens can be dropped)")
-        temp = get("temperature")
-        if temp is not None and temp != 1.0:
-            problems.append(f"temperature={temp} rescales the scores")
-    for name in _SCORE_CHANGING:
-        value = get(name)
-        if value is None or (name.endswith("repetition_penalty") and value == 1.0) or (
-                name == "no_repeat_ngram_size" and value == 0):
-            continue
-        problems.append(f"{name}={value!r} changes the constrained scores")
-    if warn and problems:
-        warnings.warn("generation config may change trie-constrained results: "
-                      + "; ".join(problems) + " (pass do_sample=False, top_k=None, top_p=None)",
-                      stacklevel=2)
-    return problems
-
-
-class SIDConstrainedLogitsProcessor(_LogitsProcessorBase):
-    """A ``transformers`` LogitsProcessor that restricts generation to the SIDs of a trie.
-
-    ``SIDConstrainedLogitsProcessor(trie, token_offsets, prompt_length, *, allowed=None,
-    eos_token_id=None, num_beams=None)``
-
-    Drop-in replacement for ``prefix_allowed_tokens_fn``::
-
-        proc = SIDConstrainedLogitsProcessor(trie, offsets, input_ids.shape[1], num_beams=W)
-        out = model.generate(input_ids, attention_mask=mask, num_beams=W, do_sample=False,
-                             top_k=None, top_p=None, max_new_tokens=trie.num_levels,
-                             logits_processor=[proc])
-
-    Args:
-        trie: the catalog's ``PrefixTrie``.
-        token_offsets: vocabulary id of code 0 at each level (sequence of L ints or SIDVocab).
-        prompt_length: columns of the (left-padded) prompt, ``input_ids.shape[1]``: the tokens
-            after it are the generated SID tokens.
-        allowed: None, or a bool item mask [N] (shared) or [B, N] (request b owns rows
-            b*R .. b*R + R - 1 of generate's flattened beams, R = rows // B).
-        eos_token_id: the token(s) allowed once all L levels are generated (see below).
-        num_beams: rows per request (``max(num_beams, num_return_sequences)``), used only for
-            transformers' rule below; default B from ``allowed``, else every row on its own.
-
-    At each step it walks every row's generated tokens through the trie (one vectorized
-    ``trie.walk`` for all rows) and leaves only the tokens of the reached node's children
-    finite (with ``allowed``: only children with an allowed item below them); every other
-    token becomes -inf. The result is identical to transformers'
-    ``PrefixConstrainedLogitsProcessor`` given a ``prefix_allowed_tokens_fn`` that returns the
-    same token lists, including its rule that a request whose allowed tokens all score -inf on
-    every row gets score 0 on them.
-
-    After the last level (L generated tokens) only ``eos_token_id`` is allowed; without one,
-    asking for an (L+1)-th token raises ValueError: set ``max_new_tokens=L`` (recommended) or
-    pass ``eos_token_id`` (and ``max_new_tokens >= L + 1``). A row whose tokens left the trie
-    (possible only when a request has fewer valid continuations than beams, where beam search
-    keeps -inf beams) gets every token -inf; its score is -inf already.
-
-    Generation config: sampling warpers (``top_k``, ``top_p``, ``min_p``, ...) run after every
-    logits processor but only with ``do_sample=True``, where they can silently drop valid SID
-    tokens; ``repetition_penalty``, ``no_repeat_ngram_size`` and ``suppress_tokens`` change
-    scores (SID codes repeat across levels). Pass ``do_sample=False, top_k=None, top_p=None``;
-    ``check_generation_config(model.generation_config)`` lists (and warns about) settings
-    that would interfere.
-    """
-
-    def __init__(self, trie: PrefixTrie, token_offsets, prompt_length: int, *, allowed=None,
-                 eos_token_id=None, num_beams: int | None = None):
-        if not isinstance(trie, PrefixTrie):
-            raise TypeError(f"trie must be a sigma_fast.PrefixTrie; got {type(trie).__name__}")
-        self.trie = trie
-        self.vocab = _as_vocab(token_offsets, trie)
-        self.prompt_length = check_int(prompt_length, "prompt_length", 0)
-        self.num_beams = None if num_beams is None else check_int(num_beams, "num_beams", 1)
-        self._allowed_nodes = None
-        if allowed is not None:
-            m, _ = as_tensor(allowed, "allowed")
-            check_dtype(m, "allowed", (torch.bool,))
-            bound = trie.item_id_bound
-            if m.dim() not in (1, 2) or m.shape[-1] != bound:
-                raise ValueError(f"allowed must be an item mask [N] or [B, N] with N = "
-                                 f"{bound} (trie.item_id_bound); got shape {list(m.shape)}")
-            self._allowed_nodes = trie.allowed_nodes(m.cpu())
-        if eos_token_id is None:
-            self.eos_token_id = None
-        else:
-            ids = (list(eos_token_id) if isinstance(eos_token_id, (list, tuple))
-                   else [eos_token_id])
-            self.eos_token_id = [check_int(i, "eos_token_id", 0) for i in ids]
-        self._cache: dict = {}
-
-    def _on(self, device):
-        """The trie arrays (and level offsets) on ``device``, cached."""
-        key = str(device)
-        if key not in self._cache:
-            t = self.trie.to(device)
-            nodes = None if self._allowed_nodes is None else self._allowed_nodes.to(device)
-            offsets = torch.tensor(self.vocab.token_offsets, dtype=torch.int64, device=device)
-            self._cache[key] = (t, nodes, offsets)
-        return self._cache[key]
-
-    def allowed_token_mask(self, input_ids: torch.LongTensor, vocab_size: int) -> torch.Tensor:
-        """bool [rows, vocab_size]: the tokens each row may generate next."""
-        rows, cur_len = input_ids.shape
-        step = cur_len - self.prompt_length
-        device = input_ids.device
-        if step < 0:
-            raise ValueError(f"input_ids have {cur_len} columns, fewer than prompt_length "
-                             f"{self.prompt_length}")
-        out = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
-        levels = self.trie.num_levels
-        if step >= levels:
-            if self.eos_token_id is None:
-                raise ValueError(f"generation asked for token {step + 1} after the prompt but "
-                                 f"SIDs have {levels} levels; pass max_new_tokens={levels} or "
-                                 f"eos_token_id")
-            out[:, self.eos_token_id] = True
-            return out
-        if self.vocab.vocab_end > vocab_size:
-            raise ValueError(f"token_offsets place codes up to token id "
-                             f"{self.vocab.vocab_end - 1}, beyond the scores' vocabulary of "
-                             f"{vocab_size}")
-        trie, allowed_nodes, offsets = self._on(device)
-        if step:
-            node = trie.walk(self.vocab.codes(input_ids[:, self.prompt_length:]))  # -1: off-trie
-        else:
-            node = torch.zeros(rows, dtype=torch.int64, device=device)
-        live = node >= 0
-        node = node.clamp(min=0)
-        first, last = trie.child_offsets[node], trie.child_offsets[node + 1]
-        counts = torch.where(live, last - first, torch.zeros_like(first))
-        row = torch.repeat_interleave(torch.arange(rows, device=device), counts)
-        # CSR slots of every (row, child): first[row] + rank within the row
-        start = torch.cumsum(counts, 0) - counts
-        slot = first[row] + (torch.arange(row.numel(), device=device) - start[row])
-        if allowed_nodes is not None:
-            child = trie.child_nodes[slot]
-            if allowed_nodes.dim() == 1:
-                keep = allowed_nodes[child]
-            else:
-                per_request = rows // allowed_nodes.shape[0]
-                if per_request * allowed_nodes.shape[0] != rows:
-                    raise ValueError(f"{rows} rows cannot be split over {allowed_nodes.shape[0]} "
-                                     f"requests of the allowed mask")
-                keep = allowed_nodes[row // per_request, child]
-            row, slot = row[keep], slot[keep]
-        out[row, trie.child_tokens[slot] + offsets[step]] = True
-        return out
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = self.allowed_token_mask(input_ids, scores.shape[-1])
-        processed = scores.masked_fill(~allowed, -math.inf)
-        # transformers' PrefixConstrainedLogitsProcessor: when every allowed token of every row
-        # of a request scores -inf, the request's allowed tokens get score 0 instead.
-        rows = scores.shape[0]
-        per_request = self._rows_per_request(rows)
-        dead = processed.amax(dim=-1).isneginf().view(-1, per_request).all(dim=-1, keepdim=True)
-        if bool(dead.any()):
-            zero = torch.zeros_like(scores).masked_fill(~allowed, -math.inf)
-            processed = torch.where(dead.repeat_interleave(per_request, dim=0), zero, processed)
-        return processed
-
-    def _rows_per_request(self, rows: int) -> int:
-        if self.num_beams is not None:
-            return self.num_beams
-        if self._allowed_nodes is not None and self._allowed_nodes.dim() == 2:
-            return max(rows // self._allowed_nodes.shape[0], 1)
-        return 1  # unknown: the -inf rule then applies row by row
-
-
-__all__ = ["SIDVocab", "SearchResult", "constrained_beam_search", "SIDConstrainedLogitsProcessor",
-           "check_generation_config"]

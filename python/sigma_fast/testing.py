@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import contextlib
+
 from . import reference
 
 
@@ -264,3 +266,27 @@ def capture_cuda_graph(fn, *, repeat: int = 1, warmup: int = 1):
         for _ in range(repeat):
             out = fn()
     return graph.replay, out
+
+
+@contextlib.contextmanager
+def core_threads(n: int):
+    """Run the block with the C++ core on ``n`` threads (restored afterwards, even on error)."""
+    import sigma_fast as sf
+
+    before = sf.get_num_threads()
+    sf.set_num_threads(n)
+    try:
+        yield
+    finally:
+        sf.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with torch's intra-op pool on ``n`` threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

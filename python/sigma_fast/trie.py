@@ -21,6 +21,7 @@ from ._checks import (
     check_dtype,
     check_index_range,
     check_int,
+    check_mask,
     check_rank,
     dtype_name,
     to_output,
@@ -346,11 +347,7 @@ class PrefixTrie:
         Returns: bool [num_nodes] or [M, num_nodes] on the trie's device (NumPy if the mask
             was NumPy), ready for ``constrained_beam_step(allowed=...)``.
         """
-        m, was_numpy = as_tensor(item_mask, "item_mask")
-        check_dtype(m, "item_mask", (torch.bool,))
-        if m.dim() not in (1, 2) or m.shape[-1] != self._item_id_bound:
-            raise ValueError(f"item_mask must be [{self._item_id_bound}] or [M, "
-                             f"{self._item_id_bound}] (item_id_bound); got shape {list(m.shape)}")
+        m, was_numpy = check_mask(item_mask, "item_mask", self._item_id_bound, "item_id_bound")
         if m.device.type != "cpu" and m.device != self.device:
             raise ValueError(f"item_mask must be on the CPU or on the trie's device "
                              f"({self.device}); got {m.device}")

@@ -5,8 +5,9 @@ public ops, float32 storage where the kernels store float32, and the same tie ru
 integer outputs can be compared exactly.
 """
 
-from .apf import apf_fuse, build_item_index
-from .beam import constrained_beam_step
+from .apf import apf_fuse
+from .beam_step import constrained_beam_step
+from .item_index import build_item_index
 from .rq import rq_decode, rq_encode
 from .trie import allowed_nodes, build_trie, trie_walk
 

@@ -4,6 +4,6 @@ Runs on a CUDA device, or on the CPU interpreter when ``TRITON_INTERPRET=1`` is 
 triton is imported (for testing). Loaded lazily through ``sigma_fast._backends.load_triton``.
 """
 
-from . import apf, beam, rq
+from . import apf, beam_step, rq
 
-__all__ = ["apf", "beam", "rq"]
+__all__ = ["apf", "beam_step", "rq"]

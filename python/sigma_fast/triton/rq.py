@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backends import triton_interpreted
 
 # Largest (power-of-two padded) D whose residual block is kept in registers.
 _MAX_RESIDENT_D = 64
@@ -231,7 +230,7 @@ def rq_encode(x: torch.Tensor, codebooks: torch.Tensor):
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     meta = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
                 num_warps=cfg["num_warps"],
-                USE_DOT=(not triton_interpreted()) if USE_TL_DOT is None else bool(USE_TL_DOT))
+                USE_DOT=x.is_cuda if USE_TL_DOT is None else bool(USE_TL_DOT))
     with _device_guard(x):
         cnorm = (codebooks * codebooks).sum(dim=2)  # [L, K] fp32
         if cfg["resident"]:

