@@ -2,7 +2,10 @@
 
 Start with ``sigma-fast demo`` (the whole pipeline on MovieLens-100K, about 10 minutes on CPU), or
 run the stages one by one on a run directory: prepare -> ground -> tokenize -> train -> evaluate,
-then recommend. ``sigma-fast config`` prints every setting with its default."""
+then recommend. ``sigma-fast config`` prints every setting with its default. A trained run is
+served over HTTP with ``serve`` (``loadtest`` measures it) and precomputed for every user with
+``recommend-all``. Under torchrun write ``--run-dir`` (torchrun takes ``--run`` for its own
+``--run-path``): ``torchrun --nproc-per-node 2 --no-python sigma-fast train --run-dir DIR``."""
 
 from __future__ import annotations
 
@@ -177,19 +180,71 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_recommend(args) -> int:
-    """Ranked titles for a dataset user or a history of titles, under a task or instruction."""
+    """Ranked items for a dataset user or a history of titles / item ids, under a task or a
+    free-form instruction (the same request as the server's POST /recommend)."""
     from ..rec import pipeline
 
     cfg = _cfg(args, need_run=True)
     if (args.user is None) == (not args.history):
-        raise ValueError("give exactly one of --user ID or --history TITLE [TITLE ...]")
-    recs = pipeline.recommend_for(args.run, cfg, user=args.user, history_titles=args.history,
-                                  task=args.task, instruction=args.instruction,
-                                  variant=args.variant, top_n=args.top_n,
-                                  exclude_seen=not args.include_seen)
-    for rank, (title, score) in enumerate(recs, 1):
-        print(f"{rank:3d}. {score:8.3f}  {title}")
+        raise ValueError("give exactly one of --user ID or --history ITEM [ITEM ...]")
+    recs = pipeline.recommend_items(args.run, cfg, user=args.user, history=args.history,
+                                    task=args.task, instruction=args.instruction,
+                                    allowed=args.allowed, variant=args.variant,
+                                    top_n=args.top_n, exclude_seen=not args.include_seen,
+                                    device=args.device)
+    if args.json:
+        print(json.dumps({"items": recs}))
+        return 0
+    for rank, r in enumerate(recs, 1):
+        print(f"{rank:3d}. {r['score']:8.3f}  {r['title']}")
     return 0
+
+
+def _limits(args):
+    from ..rec.requests import RequestLimits
+
+    return RequestLimits(max_top_n=args.max_top_n, max_history=args.max_history_items)
+
+
+def _cmd_serve(args) -> int:
+    """Serve a trained run over HTTP (FastAPI + uvicorn): POST /recommend, GET /health,
+    /metrics, /info; requests are micro-batched (--max-batch, --max-wait-ms) behind a bounded
+    queue (--max-queue; a full queue answers 429)."""
+    from ..serving.http import serve
+
+    from ..serving.backend import run_settings
+
+    run_settings(args.run)  # a missing run fails here, before the port opens
+    return serve(args.run, variant=args.variant, device=args.device, host=args.host,
+                 port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                 max_queue=args.max_queue, limits=_limits(args), log_level=args.log_level)
+
+
+def _cmd_recommend_all(args) -> int:
+    """Top-N items with scores for every user x task of a trained run, as Parquet shards
+    (sharded over processes under torchrun; finished shards are skipped on a rerun)."""
+    from ..serving.offline import recommend_all
+
+    recommend_all(args.run, args.out, variant=args.variant, tasks=args.tasks,
+                  top_n=args.top_n, split=args.split, shard_users=args.shard_users,
+                  batch_size=args.batch_size, device=args.device,
+                  exclude_seen=not args.include_seen, progress=_progress(args))
+    return 0
+
+
+def _cmd_loadtest(args) -> int:
+    """Load a running server open-loop (--rate, Poisson arrivals) or closed-loop (--closed N
+    clients) and report requests/s, latency percentiles, rejections, errors and illegal or
+    duplicate items (exit status 1 when any answer holds one)."""
+    from .loadtest import format_report, run_loadtest
+
+    report = run_loadtest(args.url, rate=args.rate, duration=args.duration,
+                          closed=args.closed, top_n=args.top_n,
+                          allowed_fraction=args.allowed_fraction,
+                          history_fraction=args.history_fraction, seed=args.seed,
+                          timeout=args.timeout)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["illegal_items"] or report["duplicate_items"] else 0
 
 
 def _cmd_bench(args) -> int:
@@ -206,15 +261,36 @@ def _cmd_bench(args) -> int:
     return subprocess.call(cmd, cwd=root)
 
 
+def _run_dir_arg(p, default_run="runs/demo"):
+    # --run-dir: the spelling to use under torchrun, which takes --run for its own --run-path
+    p.add_argument("--run", "--run-dir", dest="run", default=default_run,
+                   help=f"run directory holding every artifact (default: {default_run}); "
+                        f"under torchrun write --run-dir")
+
+
 def _run_args(p, default_run="runs/demo"):
-    p.add_argument("--run", default=default_run,
-                   help=f"run directory holding every artifact (default: {default_run})")
+    _run_dir_arg(p, default_run)
     p.add_argument("--config", default=None,
                    help="TOML file overriding the defaults (sections data, grounding, tokenizer, "
                         "model, train, eval; see `sigma-fast config`)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set train.steps=300 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _request_args(c):
+    c.add_argument("--user", default=None, help="a user id of the dataset")
+    c.add_argument("--history", nargs="*", default=None, metavar="ITEM",
+                   help="titles or item ids the user interacted with, oldest first")
+    c.add_argument("--task", default="JustForYou",
+                   help="one of the seven tasks (JustForYou, Query, Category, Longtail, "
+                        "Discover, Season, Holiday)")
+    c.add_argument("--instruction", default=None, help="free-form instruction text")
+    c.add_argument("--allowed", nargs="+", default=None, metavar="ID",
+                   help="recommend only among these item ids")
+    c.add_argument("--top-n", type=int, default=10)
+    c.add_argument("--include-seen", action="store_true",
+                   help="allow items of the history in the results (default: excluded)")
 
 
 def _cmd_config(args) -> int:
@@ -270,18 +346,76 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variants to evaluate (default: config eval.variants)")
     c.add_argument("--baselines", nargs="*", choices=BASELINES, default=None,
                    help="baselines to evaluate (default: config eval.baselines)")
-    c = cmd("recommend", _cmd_recommend, "ranked titles for a user or a history")
-    c.add_argument("--user", default=None, help="a user id of the dataset")
-    c.add_argument("--history", nargs="*", default=None, metavar="TITLE",
-                   help="titles the user interacted with, oldest first")
-    c.add_argument("--task", default="JustForYou",
-                   help="one of the seven tasks (JustForYou, Query, Category, Longtail, "
-                        "Discover, Season, Holiday)")
-    c.add_argument("--instruction", default=None, help="free-form instruction text")
+    c = cmd("recommend", _cmd_recommend, "ranked items for a user or a history")
+    _request_args(c)
     c.add_argument("--variant", default="sigma", choices=VARIANTS)
-    c.add_argument("--top-n", type=int, default=10)
-    c.add_argument("--include-seen", action="store_true",
-                   help="allow items of the history in the results (default: excluded)")
+    c.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    c.add_argument("--json", action="store_true",
+                   help='print {"items": [{"id", "title", "score"}, ...]} as the server does')
+
+    from ..rec.data.tasks import TASKS
+
+    sv = sub.add_parser("serve", help="serve a trained run over HTTP (needs the [serve] extra)",
+                        description=_cmd_serve.__doc__)
+    _run_dir_arg(sv)
+    sv.add_argument("--variant", default="sigma", choices=VARIANTS)
+    sv.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--max-batch", type=int, default=16,
+                    help="most requests per model call (default: 16)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0,
+                    help="longest a request waits for others to join its batch (default: 5)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="most requests waiting; more are answered 429 (default: 256)")
+    sv.add_argument("--max-top-n", type=int, default=100, help="largest top_n (default: 100)")
+    sv.add_argument("--max-history-items", type=int, default=1000,
+                    help="longest history a request may send (default: 1000)")
+    sv.add_argument("--log-level", default="info",
+                    choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=_cmd_serve)
+
+    ra = sub.add_parser("recommend-all", help="top-N for every user x task as Parquet shards "
+                        "(torchrun: sharded over processes)", description=_cmd_recommend_all.__doc__)
+    _run_dir_arg(ra)
+    ra.add_argument("--out", required=True, help="folder for the shards and manifest.json")
+    ra.add_argument("--variant", default="sigma", choices=VARIANTS)
+    ra.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                    help="tasks to answer (default: all seven)")
+    ra.add_argument("--top-n", type=int, default=20, help="items per user and task (default: 20)")
+    ra.add_argument("--split", default="test", choices=["valid", "test"],
+                    help="the split whose task samples give each user's instructions and "
+                         "allowed subsets (default: test)")
+    ra.add_argument("--shard-users", type=int, default=256,
+                    help="users per Parquet shard (default: 256)")
+    ra.add_argument("--batch-size", type=int, default=32,
+                    help="requests per model call, whole users (default: 32)")
+    ra.add_argument("--device", default=None,
+                    help="cpu (default) or cuda (under torchrun: each rank its LOCAL_RANK GPU)")
+    ra.add_argument("--include-seen", action="store_true",
+                    help="allow the user's own items in the results (default: excluded)")
+    ra.add_argument("--quiet", action="store_true", help="no progress bar")
+    ra.set_defaults(func=_cmd_recommend_all)
+
+    lt = sub.add_parser("loadtest", help="load a running server and report throughput, latency "
+                        "percentiles, rejections and illegal items", description=_cmd_loadtest.__doc__)
+    lt.add_argument("--url", default="http://127.0.0.1:8000",
+                    help="the server (default: http://127.0.0.1:8000)")
+    mode = lt.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals, requests/s")
+    mode.add_argument("--closed", type=int, metavar="N",
+                      help="closed loop: N clients, each sending as soon as answered")
+    lt.add_argument("--duration", type=float, default=10.0, help="seconds (default: 10)")
+    lt.add_argument("--top-n", type=int, default=10, help="top_n of every request (default: 10)")
+    lt.add_argument("--allowed-fraction", type=float, default=0.25,
+                    help="share of requests with an allowed subset (default: 0.25)")
+    lt.add_argument("--history-fraction", type=float, default=0.1,
+                    help="share of requests sending a history instead of a user (default: 0.1)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    lt.set_defaults(func=_cmd_loadtest)
+
     cf = sub.add_parser("config", help="print every setting with its default (TOML)")
     cf.set_defaults(func=_cmd_config)
     bn = sub.add_parser("bench", help="run the benchmarks (source checkout)",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 import tomllib
 from pathlib import Path
@@ -33,7 +34,8 @@ import numpy as np
 from .._io import atomic_save_npy, atomic_write_bytes, atomic_write_json
 
 __all__ = ["DEFAULTS", "VARIANTS", "BASELINES", "load_config", "write_config", "prepare",
-           "ground", "tokenize", "train", "evaluate", "recommend_for", "demo"]
+           "ground", "tokenize", "train", "evaluate", "load_variant", "request_builder",
+           "recommend_items", "recommend_for", "demo"]
 
 VARIANTS = ("sigma", "sigma_l2", "gr_sid", "gr_id", "no_grounding", "no_apf")
 BASELINES = ("most_popular", "sasrec")
@@ -191,8 +193,15 @@ def _require(path: Path, stage: str) -> Path:
     return path
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    """Print a progress line; under torchrun only rank 0 speaks."""
+    if _rank() == 0:
+        print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------------- stages
@@ -328,8 +337,9 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
         t = time.perf_counter()
         hist = train_sigma(model, train_samples, out_dir=run_dir / "train" / variant,
                            config=config, valid_samples=valid, progress=progress)
-        model.save_pretrained(run_dir / "models" / variant)
-        atomic_write_json(run_dir / "train" / variant / "history.json", hist)
+        if _rank() == 0:  # under torchrun every rank holds the same (synchronised) model
+            model.save_pretrained(run_dir / "models" / variant)
+            atomic_write_json(run_dir / "train" / variant / "history.json", hist)
         histories[variant] = hist
         _say(f"[train] {variant} done in {time.perf_counter() - t:.0f} s -> "
              f"{run_dir / 'models' / variant}")
@@ -346,11 +356,15 @@ def _eval_samples(ds, cfg):
     return samples
 
 
-def load_variant(run_dir, variant: str):
+def load_variant(run_dir, variant: str, device=None):
+    """The trained model of ``variant`` (``no_apf`` is the sigma model), on ``device``."""
     from .model import SigmaModel
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected names from {VARIANTS}")
     name = "sigma" if variant == "no_apf" else variant
-    return SigmaModel.from_pretrained(_require(Path(run_dir) / "models" / name, "train"))
+    return SigmaModel.from_pretrained(_require(Path(run_dir) / "models" / name, "train"),
+                                      device=device)
 
 
 def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None) -> dict:
@@ -413,62 +427,46 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
 
 
 # ------------------------------------------------------------------------------ recommend
+def request_builder(cfg: dict, *, split: str = "test", limits=None, ds=None):
+    """The run's :class:`~sigma_fast.rec.requests.RequestBuilder` (its dataset, its task seed)."""
+    from .requests import RequestBuilder
+
+    return RequestBuilder(ds if ds is not None else _dataset(cfg), split=split,
+                          seed=cfg["data"]["seed"], limits=limits)
+
+
+def recommend_items(run_dir, cfg: dict, *, user=None, history=None, task="JustForYou",
+                    instruction=None, allowed=None, variant="sigma", top_n=10,
+                    exclude_seen: bool = True, device=None) -> list[dict]:
+    """Ranked ``{"id", "title", "score"}`` (raw item id, title, score) for one request built by
+    :class:`~sigma_fast.rec.requests.RequestBuilder` (a dataset user or a history of titles /
+    item ids, a task or a free-form ``instruction``, ``allowed`` raw item ids; with
+    ``exclude_seen`` what the user has seen is never recommended)."""
+    from .generate import Recommender
+
+    rb = request_builder(cfg)
+    top_n = rb.check_top_n(top_n)
+    sample = rb.build(user=user, history=history, task=task, instruction=instruction,
+                      allowed=allowed, exclude_seen=exclude_seen)
+    e = cfg["eval"]
+    rec = Recommender(load_variant(run_dir, variant, device), num_beams=e["num_beams"],
+                      top_m=e["top_m"], adaptive=variant != "no_apf")
+    out = rec([sample], top_n=top_n)
+    ds = rb.ds
+    return [{"id": ds.item_ids[i], "title": ds.item_titles[i], "score": float(s)}
+            for i, s in zip(out.item_ids[0].tolist(), out.scores[0].tolist()) if i >= 0]
+
+
 def recommend_for(run_dir, cfg: dict, *, user=None, history_titles=None, task="JustForYou",
                   instruction=None, variant="sigma", top_n=10, exclude_seen: bool = True
                   ) -> list[tuple[str, float]]:
-    """Ranked (title, score) for a dataset user (their full sequence as history) or a list of
-    titles, under one of the seven tasks' instructions or a free-form ``instruction``. With
-    ``exclude_seen`` the history's items are never recommended."""
-    from .data.tasks import HISTORY_PLACEHOLDER, TASKS, TaskSample, build_task_samples
-    from .generate import recommend
-
-    ds = _dataset(cfg)
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}; got {task!r}")
-    allowed = None
-    if user is not None:
-        if user not in ds.user_ids:
-            raise ValueError(f"user {user!r} is not in {ds.name} (ids like "
-                             f"{ds.user_ids[:3]})")
-        u = ds.user_ids.index(user)
-        cands = [s for s in build_task_samples(ds, "test", tasks=[task]) if s.user == u]
-        if not cands and instruction is None:
-            raise ValueError(f"task {task} does not apply to user {user!r}'s test target; "
-                             f"pass an instruction")
-        base = cands[0] if cands else None
-        history = ds.sequence(u)[-ds.max_history:]
-        prompt = base.prompt if base else ""
-        allowed = base.allowed if base else None
-        head = prompt.split(HISTORY_PLACEHOLDER)[0] if base else \
-            "The user's history, oldest first: "
-    else:
-        if not history_titles:
-            raise ValueError("give a user id or a non-empty list of history titles")
-        lower = {t.lower(): i for i, t in enumerate(ds.item_titles)}
-        history = []
-        for title in history_titles:
-            i = lower.get(title.lower())
-            if i is None:
-                close = [t for t in ds.item_titles if title.lower() in t.lower()][:5]
-                raise ValueError(f"unknown title {title!r}; close matches: {close}")
-            history.append(i)
-        history = np.asarray(history, dtype=np.int32)
-        head = "The user's history, oldest first: "
-        prompt = ""
-    if instruction is not None or not prompt:
-        from .data.tasks import TEMPLATES
-
-        text = instruction or TEMPLATES[task][0]
-        prompt = f"{head}{HISTORY_PLACEHOLDER}. {text}"
-    if exclude_seen:
-        pool = np.arange(ds.num_items) if allowed is None else np.asarray(allowed)
-        allowed = np.setdiff1d(pool, np.asarray(history)).astype(np.int32)
-    sample = TaskSample(task, "test", -1, -1, prompt, np.asarray(history), -1, allowed, 0)
-    model = load_variant(run_dir, variant)
-    out = recommend(model, [sample], top_n=top_n, num_beams=cfg["eval"]["num_beams"],
-                    top_m=cfg["eval"]["top_m"], adaptive=variant != "no_apf")
-    return [(ds.item_titles[i], float(s)) for i, s in
-            zip(out.item_ids[0].tolist(), out.scores[0].tolist()) if i >= 0]
+    """Ranked (title, score) for a dataset user (their latest items as history) or a list of
+    titles / item ids, under one of the seven tasks' instructions or a free-form
+    ``instruction`` (see :func:`recommend_items`)."""
+    recs = recommend_items(run_dir, cfg, user=user, history=history_titles, task=task,
+                           instruction=instruction, variant=variant, top_n=top_n,
+                           exclude_seen=exclude_seen)
+    return [(r["title"], r["score"]) for r in recs]
 
 
 # ---------------------------------------------------------------------------------- demo
