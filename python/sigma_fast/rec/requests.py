@@ -143,7 +143,7 @@ class ItemLookup:
         hits = self._keys.get(key) or (self._keys.get(f"{bare} ({year})") if year else None)
         if not hits:
             close = self.close_matches(ref)
-            raise UnknownItem(f"unknown item {ref!r}: no item has this id or title; close "
+            raise UnknownItem(f"unknown title or item id {ref!r}: nothing in the catalogue; close "
                               f"matches: {', '.join(close) if close else 'none'}")
         if len(hits) > 1:
             raise RequestError(f"item {ref!r} is ambiguous: it names "
