@@ -276,3 +276,57 @@ def test_mixed_top_n_is_cut_from_the_largest_unless_gr_sid(tiny_run, mode, calls
     assert backend.calls == calls
     assert [[x["id"] for x in o] for o in out] == [["i0", "i1"], [f"i{k}" for k in range(5)],
                                                    ["i0", "i1"]]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_serve_command(tiny_run, tmp_path, capsys):
+    """`sigma-fast serve` in its own process: ready, answering, stopping cleanly on SIGTERM;
+    a run without a model exits with an error; a missing run fails before the port opens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sigma_fast.apps.cli", "serve", "--run-dir",
+                             str(tiny_run), "--port", str(port), "--max-batch", "4",
+                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        body = {"user": "u5", "task": "JustForYou", "top_n": 4}
+        r = httpx.post(f"{url}/recommend", json=body, timeout=60)
+        assert r.status_code == 200 and r.json() == _cli(tiny_run, body, capsys)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "ready on http://127.0.0.1:" in out and "[serve] stopped" in out
+
+    broken = tmp_path / "nomodel"
+    broken.mkdir()
+    (broken / "config.toml").write_text((tiny_run / "config.toml").read_text())
+    res = subprocess.run([sys.executable, "-m", "sigma_fast.apps.cli", "serve", "--run",
+                          str(broken), "--port", str(_free_port()), "--log-level", "warning"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 2 and "failed to load" in res.stderr, res.stderr
+    assert main(["serve", "--run", str(tmp_path / "absent")]) == 2
+    assert "not a run directory" in capsys.readouterr().err

@@ -210,14 +210,14 @@ def _cmd_serve(args) -> int:
     """Serve a trained run over HTTP (FastAPI + uvicorn): POST /recommend, GET /health,
     /metrics, /info; requests are micro-batched (--max-batch, --max-wait-ms) behind a bounded
     queue (--max-queue; a full queue answers 429)."""
-    from ..serving.http import serve
-
     from ..serving.backend import run_settings
+    from ..serving.http import serve
 
     run_settings(args.run)  # a missing run fails here, before the port opens
     return serve(args.run, variant=args.variant, device=args.device, host=args.host,
                  port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                 max_queue=args.max_queue, limits=_limits(args), log_level=args.log_level)
+                 max_queue=args.max_queue, max_connections=args.max_connections,
+                 limits=_limits(args), log_level=args.log_level)
 
 
 def _cmd_recommend_all(args) -> int:
@@ -368,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest a request waits for others to join its batch (default: 5)")
     sv.add_argument("--max-queue", type=int, default=256,
                     help="most requests waiting; more are answered 429 (default: 256)")
+    sv.add_argument("--max-connections", type=int, default=1024,
+                    help="open connections beyond which the server answers 503 (default: 1024)")
     sv.add_argument("--max-top-n", type=int, default=100, help="largest top_n (default: 100)")
     sv.add_argument("--max-history-items", type=int, default=1000,
                     help="longest history a request may send (default: 1000)")

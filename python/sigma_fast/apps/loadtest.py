@@ -93,6 +93,7 @@ class _Tally:
     def __init__(self, catalogue):
         self.catalogue = catalogue
         self.latency: list[float] = []
+        self.lag: list[float] = []      # open loop: actual send time - scheduled time
         self.status = collections.Counter()
         self.transport = collections.Counter()
         self.sent = 0
@@ -123,6 +124,7 @@ class _Tally:
 async def _one(client, tally: _Tally, body: dict, start: float, timeout: float) -> None:
     httpx = _httpx()
     tally.sent += 1
+    tally.lag.append(time.perf_counter() - start)
     try:
         r = await client.post("/recommend", json=body, timeout=timeout)
     except httpx.HTTPError as exc:
@@ -189,6 +191,9 @@ async def _run(url, *, rate, duration, closed, top_n, allowed_fraction, history_
         "duration_s": duration, "elapsed_s": round(elapsed, 3),
         "sent": tally.sent, "ok": ok, "achieved_rps": round(ok / elapsed, 3) if elapsed else 0,
         "latency_ms": _percentiles(tally.latency),
+        # how late the client sent (open loop): large values mean the client, not the
+        # server, could not keep up with the schedule, and the figures are not the server's
+        "send_lag_ms": None if closed else _percentiles(tally.lag),
         "rejected": rejected, "errors": errors,
         "answers_checked": tally.checked, "illegal_items": tally.illegal,
         "duplicate_items": tally.duplicates, "short_answers": tally.short,
@@ -231,6 +236,13 @@ def format_report(r: dict) -> str:
         f"  latency ms: p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}  p99 {fmt(lat['p99'])}  "
         f"max {fmt(lat['max'])}",
         f"  rejected: {r['rejected']['429']} (429 queue full), {r['rejected']['503']} (503)",
+    ]
+    if r["send_lag_ms"] is not None:
+        lag = r["send_lag_ms"]
+        lines.append(f"  client send lag ms: p50 {fmt(lag['p50'])}  p99 {fmt(lag['p99'])}"
+                     + ("  (the client fell behind its schedule)" if (lag["p99"] or 0) > 100
+                        else ""))
+    lines += [
         f"  errors: {r['errors'] or 0}",
         f"  answers checked {r['answers_checked']}: {r['illegal_items']} illegal items, "
         f"{r['duplicate_items']} duplicates, {r['short_answers']} answers shorter than top_n",

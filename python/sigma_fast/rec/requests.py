@@ -164,19 +164,18 @@ class ItemLookup:
 
     def resolve_ids(self, ids, what: str = "allowed") -> np.ndarray:
         """Sorted unique item indices of a list of raw ids (ids only, not titles)."""
-        idx, bad = [], []
-        for raw in ids:
-            k = self._by_id.get(str(raw)) if isinstance(raw, (str, int)) \
-                and not isinstance(raw, bool) else None
-            if k is None:
-                bad.append(raw)
-            else:
-                idx.append(k)
-        if bad:
+        get = self._by_id.get
+        # a str, or an int standing for its decimal id (bool is not an id)
+        idx = [get(raw) if type(raw) is str else get(str(raw)) if type(raw) is int else None
+               for raw in ids]
+        if None in idx:
+            bad = [raw for raw, k in zip(ids, idx) if k is None]
             raise RequestError(f"{what}: {len(bad)} of {len(ids)} ids are not in the catalogue "
                                f"(raw item ids, e.g. {self.ids[:2]}): {bad[:5]}"
                                + (" ..." if len(bad) > 5 else ""))
-        return np.unique(np.asarray(idx, dtype=np.int32))
+        mask = np.zeros(len(self.ids), dtype=bool)
+        mask[idx] = True
+        return np.flatnonzero(mask).astype(np.int32)
 
 
 class RequestBuilder:
@@ -269,11 +268,15 @@ class RequestBuilder:
         else:
             sample = self._for_history(history, task, instruction)
         subset = sample.allowed
-        if allowed is not None:
-            subset = allowed if subset is None else np.intersect1d(subset, allowed)
-        if exclude_seen:
-            pool = np.arange(self.ds.num_items, dtype=np.int32) if subset is None else subset
-            subset = np.setdiff1d(pool, np.asarray(sample.seen, dtype=np.int32))
+        if allowed is not None or exclude_seen:
+            # set arithmetic on a mask over the catalogue: linear, no sorting
+            n = self.ds.num_items
+            mask = np.ones(n, dtype=bool) if subset is None else _mask(subset, n)
+            if allowed is not None:
+                mask &= _mask(allowed, n)
+            if exclude_seen:
+                mask[np.asarray(sample.seen, dtype=np.intp)] = False
+            subset = np.flatnonzero(mask)
         if subset is not None:
             subset = np.ascontiguousarray(subset, dtype=np.int32)
             if subset.size == 0:
@@ -323,6 +326,12 @@ class RequestBuilder:
         allowed = self._tail if task == "Longtail" else None
         return _Draft(-1, f"{HISTORY_HEAD}{HISTORY_PLACEHOLDER}. {text}", items, items,
                       allowed, 0, None)
+
+
+def _mask(indices, n: int) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[np.asarray(indices, dtype=np.intp)] = True
+    return m
 
 
 def _slots(task: str) -> list[str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import signal
 import sys
 import threading
 import time
@@ -153,12 +154,7 @@ def create_app(load, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue
     app = FastAPI(title="sigma_fast", lifespan=lifespan,
                   description="SIGMA generative recommendation over HTTP")
     app.state.sigma = state
-
-    @app.middleware("http")
-    async def count_responses(request: Request, call_next):
-        response = await call_next(request)
-        state.responses[str(response.status_code)] += 1
-        return response
+    app.add_middleware(_CountResponses, counter=state.responses)
 
     @app.exception_handler(_HTTPError)
     async def http_error(request: Request, exc: _HTTPError):
@@ -227,9 +223,28 @@ def create_app(load, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue
             raise _HTTPError(503, str(exc), {"Retry-After": "1"}) from None
         except Exception as exc:  # noqa: BLE001 - the model failed on this batch
             raise _HTTPError(500, f"the model failed: {type(exc).__name__}: {exc}") from None
-        return {"items": items}
+        return JSONResponse({"items": items})   # plain json.dumps: no re-encoding pass
 
     return app
+
+
+class _CountResponses:
+    """Pure ASGI middleware counting responses by status (cheaper than an ``http``
+    middleware, which runs every request through extra tasks and streams)."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter[str(message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 async def _read_body(request, limit: int) -> bytes:
@@ -266,10 +281,13 @@ def _info(served, max_body_bytes: int) -> dict:
 
 def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 16, max_wait_ms: float = 5.0,
-          max_queue: int = 256, limits=None, log_level: str = "info") -> int:
+          max_queue: int = 256, max_connections: int = 1024, limits=None,
+          log_level: str = "info") -> int:
     """Serve a trained run until interrupted (SIGINT / SIGTERM drain the queue first).
     The port opens at once; the model loads in the background (``/health`` 503 until then);
-    a failed load stops the server and returns 2."""
+    a failed load stops the server and returns 2. Beyond ``max_connections`` open
+    connections uvicorn itself answers 503, so a flood of clients cannot grow memory
+    either."""
     _require_extra()
     import uvicorn
 
@@ -293,9 +311,20 @@ def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.
     app = create_app(load, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                      on_load_error=on_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           limit_concurrency=max_connections,
                                            timeout_graceful_shutdown=30))
     server_box.append(server)
-    server.run()
+    # uvicorn drains, then re-raises the signal that stopped it: end quietly instead (exit 0)
+    stop_signals = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop_signals.append(signum))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not failure:
+        print("[serve] stopped", flush=True)
     return 2 if failure else 0
 
 
