@@ -29,7 +29,8 @@ ML1M = _catalogue(["1", "2", "3"], ["Toy Story (1995)", "Jumanji (1995)", "Heat 
 @pytest.mark.parametrize("ref, want", [
     ("Toy Story (1995)", 0), ("Toy Story", 0), ("toy story", 0), ("  TOY   story ", 0),
     ("Toy Story (1995)", 0), ("The Usual Suspects", 1), ("usual suspects, the", 1),
-    ("The Usual Suspects (1995)", 1), ("Cape Fear (1991)", 3), ("cape fear (1962)", 2),
+    ("The Usual Suspects (1995)", 1), ("Usual Suspects", 1), ("usual suspects (1995)", 1),
+    ("Cape Fear (1991)", 3), ("cape fear (1962)", 2),
     ("Heat", 4),
 ])
 def test_titles_and_ids_resolve(ref, want):

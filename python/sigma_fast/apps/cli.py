@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     ra = sub.add_parser("recommend-all", help="top-N for every user x task as Parquet shards "
-                        "(torchrun: sharded over processes)", description=_cmd_recommend_all.__doc__)
+                        "(torchrun: sharded over processes)",
+                        description=_cmd_recommend_all.__doc__)
     _run_dir_arg(ra)
     ra.add_argument("--out", required=True, help="folder for the shards and manifest.json")
     ra.add_argument("--variant", default="sigma", choices=VARIANTS)
@@ -400,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     ra.set_defaults(func=_cmd_recommend_all)
 
     lt = sub.add_parser("loadtest", help="load a running server and report throughput, latency "
-                        "percentiles, rejections and illegal items", description=_cmd_loadtest.__doc__)
+                        "percentiles, rejections and illegal items",
+                        description=_cmd_loadtest.__doc__)
     lt.add_argument("--url", default="http://127.0.0.1:8000",
                     help="the server (default: http://127.0.0.1:8000)")
     mode = lt.add_mutually_exclusive_group(required=True)

@@ -24,7 +24,8 @@ Rules:
 
 Item references are resolved by :class:`ItemLookup`: the exact raw id first, then the title,
 case-insensitive, with runs of spaces collapsed, ``"Usual Suspects, The"`` = ``"The Usual
-Suspects"``, and a trailing ``(year)`` optional (``"Toy Story"`` finds ``"Toy Story (1995)"``; a
+Suspects"`` = ``"Usual Suspects"`` (a leading article optional when nothing matches with it), and
+a trailing ``(year)`` optional (``"Toy Story"`` finds ``"Toy Story (1995)"``; a
 title that several items share needs its year or id). A reference that matches nothing raises
 :class:`UnknownItem` with the closest titles (difflib).
 
@@ -97,6 +98,11 @@ def _norm(text: str) -> str:
     return f"{m.group(2)} {m.group(1)}" if m else t
 
 
+def _no_article(key: str) -> str:
+    first, _, rest = key.partition(" ")
+    return rest if first in ("the", "a", "an") and rest else key
+
+
 def _split_year(text: str) -> tuple[str, int | None]:
     m = _YEAR_TAIL.search(text)
     if not m:
@@ -112,6 +118,7 @@ class ItemLookup:
         self.titles = list(ds.item_titles)
         self._by_id = {i: k for k, i in enumerate(self.ids)}
         self._keys: dict[str, set[int]] = {}
+        self._bare_keys: dict[str, set[int]] = {}   # the same without a leading article
         years = np.asarray(ds.item_years).tolist()
         for k, (raw, title) in enumerate(zip(self.ids, self.titles)):
             bare, year = _split_year(title)
@@ -122,6 +129,7 @@ class ItemLookup:
                 keys.add(f"{_norm(bare)} ({year})")
             for key in keys:
                 self._keys.setdefault(key, set()).add(k)
+                self._bare_keys.setdefault(_no_article(key), set()).add(k)
         self._bare = sorted({_norm(_split_year(t)[0]) for t in self.titles})
 
     def label(self, k: int) -> str:
@@ -141,6 +149,9 @@ class ItemLookup:
         key = _norm(ref)
         bare, year = _split_year(key)
         hits = self._keys.get(key) or (self._keys.get(f"{bare} ({year})") if year else None)
+        if not hits:  # "Usual Suspects" for "Usual Suspects, The"
+            hits = self._bare_keys.get(_no_article(key)) or (
+                self._bare_keys.get(_no_article(f"{bare} ({year})")) if year else None)
         if not hits:
             close = self.close_matches(ref)
             raise UnknownItem(f"unknown title or item id {ref!r}: nothing in the catalogue; close "
