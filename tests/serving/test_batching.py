@@ -58,11 +58,14 @@ def test_full_queue_rejects_and_recovers():
     waiting = [b.submit(2), b.submit(3)]
     with pytest.raises(QueueFull, match="queue is full \\(2 requests waiting\\)"):
         b.submit(4)
+    with pytest.raises(QueueFull):
+        b.check_capacity()                  # the same answer before any work on a request
     m = b.metrics()
-    assert m["rejected"] == {"queue_full": 1, "not_accepting": 0}
-    assert m["queue_depth"] == 2 and m["running"] == 1 and m["requests"] == 4
+    assert m["rejected"] == {"queue_full": 2, "not_accepting": 0}
+    assert m["queue_depth"] == 2 and m["running"] == 1 and m["requests"] == 5
     gate.open.set()
     assert [f.result(30) for f in [running] + waiting] == [10, 20, 30]
+    b.check_capacity()
     assert b.submit(5).result(30) == 50      # room again
     b.close()
 

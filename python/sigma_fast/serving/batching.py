@@ -130,10 +130,9 @@ class MicroBatcher:
         return self._accepting
 
     # --------------------------------------------------------------------------- submit
-    def submit(self, item) -> Future:
-        """Queue one request; its result (or exception) arrives on the returned future.
-        Raises :class:`QueueFull` or :class:`NotAccepting` instead of queueing."""
-        fut: Future = Future()
+    def check_capacity(self) -> None:
+        """Raise (and count) the rejection :meth:`submit` would raise now, so a caller can shed
+        load before doing any work on the request (:meth:`submit` still decides)."""
         with self._cond:
             if not self._accepting:
                 self._counts["rejected_not_accepting"] += 1
@@ -143,6 +142,13 @@ class MicroBatcher:
                 self._counts["rejected_queue_full"] += 1
                 raise QueueFull(f"{self.name}: the queue is full ({self.max_queue} requests "
                                 f"waiting); retry later")
+
+    def submit(self, item) -> Future:
+        """Queue one request; its result (or exception) arrives on the returned future.
+        Raises :class:`QueueFull` or :class:`NotAccepting` instead of queueing."""
+        fut: Future = Future()
+        with self._cond:
+            self.check_capacity()      # the condition's lock is reentrant
             self._counts["accepted"] += 1
             self._queue.append(_Request(item, fut, time.monotonic()))
             if len(self._queue) >= self.max_batch or len(self._queue) == 1:

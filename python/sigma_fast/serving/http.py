@@ -193,6 +193,12 @@ def create_app(load, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue
         if state.phase != "ready":
             raise not_ready()
         body = await _read_body(request, max_body_bytes)
+        try:  # shed load before parsing: a full queue costs a rejection, not a request's work
+            state.batcher.check_capacity()
+        except QueueFull as exc:
+            raise _HTTPError(429, str(exc), {"Retry-After": "1"}) from None
+        except NotAccepting as exc:
+            raise _HTTPError(503, str(exc), {"Retry-After": "1"}) from None
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
