@@ -127,7 +127,7 @@ void apf_fuse(const py::array& prefix_scores, const py::array& prefix_ids,
     require_shape(bsim_arr, "bucket_sims", {b, k, top_m});
     bsim = static_cast<float*>(bsim_arr.mutable_data());
   }
-  const sigma_fast::ApfIndex index{static_cast<const float*>(embeddings.data()), n, d, off,
+  const sigma_fast::ApfIndex index{embeddings.data(), ApfEmbType::kFloat32, n, d, off,
                                    num_buckets, static_cast<const int64_t*>(item_ids.data())};
   const sigma_fast::ApfParams params{top_m, top_n, tau, adaptive, sigma_min, normalize_bucket,
                                      dedup};

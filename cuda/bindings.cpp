@@ -68,13 +68,13 @@ void apf_fuse(std::uintptr_t prefix_scores, std::uintptr_t prefix_ids, std::uint
               std::uintptr_t bucket_sims, std::uintptr_t workspace, int64_t workspace_bytes,
               std::uintptr_t stream) {
   py::gil_scoped_release release;
-  const sigma_fast::ApfCudaIndex index{as_ptr<const void>(embeddings),
-                                       static_cast<sigma_fast::ApfEmbType>(emb_type), num_items,
-                                       dim, as_ptr<const int64_t>(offsets), num_buckets,
-                                       as_ptr<const int64_t>(item_ids)};
-  const sigma_fast::ApfCudaMask mask{as_ptr<const uint8_t>(allowed), allowed_ld, allowed_length};
-  const sigma_fast::ApfCudaParams params{top_m,     top_n,            tau,  adaptive,
-                                         sigma_min, normalize_bucket, dedup};
+  const sigma_fast::ApfIndex index{as_ptr<const void>(embeddings),
+                                   static_cast<sigma_fast::ApfEmbType>(emb_type), num_items, dim,
+                                   as_ptr<const int64_t>(offsets), num_buckets,
+                                   as_ptr<const int64_t>(item_ids)};
+  const sigma_fast::ApfMask mask{as_ptr<const uint8_t>(allowed), allowed_ld, allowed_length};
+  const sigma_fast::ApfParams params{top_m,     top_n,            tau,  adaptive,
+                                     sigma_min, normalize_bucket, dedup};
   sigma_fast::apf_fuse_cuda(as_ptr<const float>(prefix_scores), as_ptr<const int64_t>(prefix_ids),
                             as_ptr<const float>(queries), batch, k, index, mask, params,
                             as_ptr<int64_t>(out_ids), as_ptr<float>(out_logp),
@@ -97,7 +97,7 @@ void beam_step(std::uintptr_t logits, int64_t batch, int64_t beams_in, int64_t k
                std::uintptr_t out_state, std::uintptr_t status, std::uintptr_t workspace,
                int64_t workspace_bytes, std::uintptr_t stream) {
   py::gil_scoped_release release;
-  sigma_fast::BeamStepCudaArgs a;
+  sigma_fast::BeamStepArgs a;
   a.logits = as_ptr<const float>(logits);
   a.batch = batch, a.beams_in = beams_in, a.k = k, a.ld_b = ld_b, a.ld_w = ld_w;
   a.beam_scores = as_ptr<const float>(beam_scores);
@@ -109,7 +109,7 @@ void beam_step(std::uintptr_t logits, int64_t batch, int64_t beams_in, int64_t k
   a.allowed = as_ptr<const uint8_t>(allowed);
   a.ld_allowed = ld_allowed;
   a.beam_width = beam_width;
-  a.normalize = normalize;
+  a.normalize = static_cast<sigma_fast::BeamNormalize>(normalize);  // checked by the op
   a.out_scores = as_ptr<float>(out_scores);
   a.out_parent = as_ptr<int64_t>(out_parent);
   a.out_token = as_ptr<int64_t>(out_token);
