@@ -22,8 +22,7 @@ namespace {
 
 // Rows per task: fixed, so results never depend on threads. A task computes the similarities
 // of its whole chunk before any heap work, so the rows stream from memory without
-// interruption (interleaving the heap pass with short row blocks stalls the prefetcher and
-// was 2-3x slower).
+// interruption (interleaving the heap pass with short row blocks stalls the prefetcher).
 constexpr int64_t kRowChunk = 4096;
 constexpr int64_t kMaxQueries = 64;  // queries per task: at most 1 MiB of similarities
 
@@ -329,7 +328,8 @@ void apf_fuse_cpu(const float* prefix_scores, const int64_t* prefix_ids, const f
     total_cost += task.cost;
     dots_size = std::max(dots_size, (task.row1 - task.row0) * (task.p1 - task.p0));
   }
-  // A thread is worth starting for about 0.5 ms of work (16k rows of D = 128, one query).
+  // One worker per share of work large enough to pay for starting it: the cost of 16k rows of
+  // D = 128 searched by one query.
   constexpr double kCostPerWorker = 16384.0 * (128.0 + 128.0 / 8.0 + 8.0);
   const int64_t workers = std::min<int64_t>(
       {static_cast<int64_t>(get_num_threads()), T,

@@ -59,10 +59,10 @@ constexpr int kMergeCap = 2048;
 constexpr int kMergeThreads = 256;
 // Requests (or split blocks) with at most rank_max candidates (default kRankDefault, at most
 // kRankCap) skip the radix select: their scores go to shared memory and every candidate counts
-// the ones that rank before it, a loop over all of them per thread. Measured on an H200 (CUDA
-// graph, K = 256, cut-offs 0 / 128 / 192 / 256 / 512): deep steps ((16, 20), (64, 50) split in
-// two: up to ~190 candidates per block) 0.7-2.5 us faster than with the radix passes; a root
-// step (256 candidates) 1.8-2.7 us slower. Hence 192.
+// the ones that rank before it, a loop over all of them per thread, so it pays only for small
+// blocks: with K = 256 it beat the radix passes for the deep steps (up to ~190 candidates per
+// block) and lost to them for a root step (256 candidates). Hence 192 (the sweep of cut-offs
+// is in bench/RESULTS.md).
 constexpr int kRankCap = 1024;
 constexpr int kRankDefault = 192;
 
@@ -643,14 +643,14 @@ __global__ void __launch_bounds__(kMergeThreads)
   finish_request(a, b, n < W ? n : W, tid, kMergeThreads);
 }
 
-// Blocks per request. Each block has a fixed latency of several microseconds (its chain of
-// dependent memory reads, block syncs and radix passes), so splitting pays only where a
-// request has many candidates and the batch leaves SMs idle. Measured on an H200 (132 SMs) with
-// K = 256: at (B, W) = (64, 50) two blocks per request take the widest step (12.5k candidates
-// per request) from 39 to 28 us and cost 0.5-2.5 us at the root and deep levels; at (16, 20)
-// (5k candidates at most) splitting loses more at the root and deep levels than it gains, and
-// three or more blocks were slower everywhere. Hence: 2 when beams_in * k >= 8192 and
-// batch <= the SM count, else 1. SIGMA_FAST_BEAM_SPLITS=s (1..kMaxSplits) overrides it.
+// Blocks per request. Each block has a fixed latency (its chain of dependent memory reads,
+// block syncs and radix passes), so splitting pays only where a request has many candidates
+// and the batch leaves SMs idle. With K = 256, two blocks per request sped up the widest step
+// at (B, W) = (64, 50) (12.5k candidates per request) and cost a little at the root and deep
+// levels; at (16, 20) (5k candidates at most) splitting lost more at the root and deep levels
+// than it gained, and three or more blocks were slower everywhere (the sweep is in
+// bench/RESULTS.md). Hence: 2 when beams_in * k >= 8192 and batch <= the SM count, else 1.
+// SIGMA_FAST_BEAM_SPLITS=s (1..kMaxSplits) overrides it.
 int choose_splits(int64_t batch, int64_t beams_in, int64_t k, int64_t beam_width) {
   int s = 0;
   if (const char* env = std::getenv("SIGMA_FAST_BEAM_SPLITS")) s = std::atoi(env);
