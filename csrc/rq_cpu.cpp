@@ -310,12 +310,8 @@ SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, cons
 void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const float* codebooks,
                    int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err,
                    RqStrategy strategy) {
-  require(n >= 0 && d >= 1 && levels >= 1 && k >= 1,
-          "rq_encode: expected n >= 0, d >= 1, levels >= 1, k >= 1; got n=" + std::to_string(n) +
-              " d=" + std::to_string(d) + " levels=" + std::to_string(levels) +
-              " k=" + std::to_string(k));
-  require(ldx >= d, "rq_encode: row stride of x must be >= d");
-  require(beam_width >= 1, "rq_encode: beam_width must be >= 1; got " + std::to_string(beam_width));
+  check_rq_encode_sizes(n, d, levels, k, beam_width);
+  check_rq_encode_stride(ldx, d);
   if (n == 0) return;
   const bool cross = beam_width > 1 && levels > 1 &&
                      (strategy == RqStrategy::kCross ||
@@ -364,7 +360,7 @@ SIGMA_FAST_CLONES void sum_codewords(const float* const* words, int64_t levels, 
 template <class CodeT>
 void rq_decode_cpu(const CodeT* codes, int64_t n, int64_t ldc, int64_t levels,
                    const float* codebooks, int64_t k, int64_t d, float* out) {
-  require(n >= 0 && d >= 1 && levels >= 0 && k >= 1, "rq_decode: bad sizes");
+  check_rq_decode_sizes(n, d, levels, k, ldc);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (levels + 1) * d));
   parallel_for(n, grain, [&](int64_t i0, int64_t i1) {
     std::vector<const float*> words(static_cast<size_t>(levels));

@@ -1,7 +1,10 @@
-// Residual quantization on the CPU (torch-free). Semantics: python/sigma_fast/reference/rq.py.
+// Residual quantization on the CPU (torch-free). The layout and checks shared with the CUDA
+// twin are in rq.h; semantics: python/sigma_fast/reference/rq.py.
 #pragma once
 
 #include <cstdint>
+
+#include "rq.h"
 
 namespace sigma_fast {
 
