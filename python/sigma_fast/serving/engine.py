@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _threads
 from ..apf import apf_fuse
 from ..beam_step import constrained_beam_step
 from ..item_index import ItemIndex
@@ -154,6 +155,12 @@ class Engine:
 
         with torch.no_grad():
             self._tables()
+        if self.mode == "sigma" and self.bucket_table is None and self.cuda_graphs:
+            # prefixes too many for a device table are looked up on the host: not capturable
+            if cuda_graphs:
+                raise ValueError(f"cuda_graphs=True needs a prefix space of at most "
+                                 f"{_DENSE_BUCKET_TABLE} (codebook size ** prefix length)")
+            self.cuda_graphs = False
         self.width = self._width()
         self._allocate()
         self._graphs: dict = {}
@@ -496,7 +503,12 @@ class Engine:
 
     # --------------------------------------------------------------------- running
     def _run(self, bucket: _Bucket, inp: dict) -> dict:
-        inp = {k: v.to(self.device, non_blocking=True) for k, v in inp.items()}
+        return self._execute(bucket, {k: v.to(self.device, non_blocking=True)
+                                      for k, v in inp.items()})
+
+    def _execute(self, bucket: _Bucket, inp: dict) -> dict:
+        """The bucket's program on device inputs: run eagerly, or (CUDA graphs) copy the
+        inputs into the captured graph's input tensors and replay it."""
         if not self.cuda_graphs:
             return self._program(bucket, inp)
         entry = self._graphs.get(bucket)
@@ -542,6 +554,7 @@ class Engine:
         n = len(samples)
         out: dict = {}
         for chunk in self._chunks(prompts):
+            _threads.adapt()
             bucket, inp = self._inputs([prompts[i] for i in chunk])
             res = self._run(bucket, inp)
             self.stats.batches += 1
