@@ -84,8 +84,8 @@ class ThreadGovernor:
     def others_busy(self) -> float | None:
         """CPUs' worth of time other processes used since the previous measurement."""
         now, t = _busy_ticks(), time.monotonic()
-        if now is None or self._last is None or t <= self._t:
-            return None
+        if now is None or self._last is None or t - self._t < 0.1:
+            return None  # no /proc, or too short a window for clock-tick counts
         hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         busy = (now[0] - self._last[0]) - (now[1] - self._last[1])
         elapsed = t - self._t

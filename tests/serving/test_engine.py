@@ -177,10 +177,12 @@ def test_cuda_graphs_replay_the_eager_program_without_host_sync(pattern, mode):
     first = graphs(test)          # captures
     assert graphs.stats.graphs > 0
     captured = graphs.stats.graphs
+    bucket, inp = graphs._inputs([graphs._encode(s) for s in test[:8]])
+    inp = {k: v.cuda() for k, v in inp.items()}
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        bucket, inp = graphs._inputs([graphs._encode(s) for s in test[:8]])
-        graphs._run(bucket, inp)   # a replay: any host synchronisation inside raises
+        graphs._execute(bucket, inp)   # a replay: any host synchronisation inside raises
     finally:
         torch.cuda.set_sync_debug_mode("default")
     again = graphs(test)          # replays
