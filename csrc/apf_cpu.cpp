@@ -22,8 +22,7 @@ namespace {
 
 // Rows per task: fixed, so results never depend on threads. A task computes the similarities
 // of its whole chunk before any heap work, so the rows stream from memory without
-// interruption (interleaving the heap pass with short row blocks stalls the prefetcher and
-// was 2-3x slower).
+// interruption (interleaving the heap pass with short row blocks stalls the prefetcher).
 constexpr int64_t kRowChunk = 4096;
 constexpr int64_t kMaxQueries = 64;  // queries per task: at most 1 MiB of similarities
 
@@ -223,14 +222,11 @@ void apf_fuse_cpu(const float* prefix_scores, const int64_t* prefix_ids, const f
                   int64_t batch, int64_t k, const ApfIndex& index, const ApfMask& allowed,
                   const ApfParams& params, int64_t* out_ids, float* out_logp, int64_t* out_src,
                   int64_t* bucket_ids, float* bucket_sims) {
+  check_apf_args(batch, k, index, allowed, params);
+  require(index.emb_type == ApfEmbType::kFloat32, "apf_fuse (cpu): embeddings must be float32");
   const int64_t B = batch, K = k, D = index.dim, M = params.top_m, N = params.top_n;
   const int64_t U = index.num_buckets;
-  require(B >= 0 && K >= 0 && D >= 1 && U >= 1, "apf_fuse: expected B >= 0, K >= 0, D >= 1, "
-                                                "num_buckets >= 1");
-  require(M >= 1 && N >= 1, "apf_fuse: top_m and top_n must be >= 1");
-  require(params.tau > 0.0 && std::isfinite(params.tau), "apf_fuse: tau must be finite and > 0");
-  require(params.sigma_min >= 0.0 && std::isfinite(params.sigma_min),
-          "apf_fuse: sigma_min must be finite and >= 0");
+  const float* embeddings = static_cast<const float*>(index.embeddings);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   std::fill(out_ids, out_ids + B * N, int64_t{-1});
   std::fill(out_logp, out_logp + B * N, neg_inf);
@@ -332,7 +328,8 @@ void apf_fuse_cpu(const float* prefix_scores, const int64_t* prefix_ids, const f
     total_cost += task.cost;
     dots_size = std::max(dots_size, (task.row1 - task.row0) * (task.p1 - task.p0));
   }
-  // A thread is worth starting for about 0.5 ms of work (16k rows of D = 128, one query).
+  // One worker per share of work large enough to pay for starting it: the cost of 16k rows of
+  // D = 128 searched by one query.
   constexpr double kCostPerWorker = 16384.0 * (128.0 + 128.0 / 8.0 + 8.0);
   const int64_t workers = std::min<int64_t>(
       {static_cast<int64_t>(get_num_threads()), T,
@@ -344,7 +341,7 @@ void apf_fuse_cpu(const float* prefix_scores, const int64_t* prefix_ids, const f
       for (int64_t ti; (ti = next.fetch_add(1)) < T;) {
         const Task& task = tasks[ti];
         const int64_t nq = task.p1 - task.p0, m = task.row1 - task.row0;
-        similarities(index.embeddings + task.row0 * D, m, qn.data() + task.p0 * D, nq, D,
+        similarities(embeddings + task.row0 * D, m, qn.data() + task.p0 * D, nq, D,
                      dots.get(), m);
         const int64_t* ids = index.item_ids + task.row0;
         for (int64_t j = 0; j < nq; ++j) {

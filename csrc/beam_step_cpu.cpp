@@ -551,9 +551,7 @@ void step_requests(const BeamStepArgs& a, int64_t b0, int64_t b1, Scratch& scrat
 }  // namespace
 
 void constrained_beam_step_cpu(const BeamStepArgs& a) {
-  if (a.beam_width < 1)
-    throw std::invalid_argument("beam_width must be >= 1; got " + std::to_string(a.beam_width));
-  if (a.num_nodes < 1) throw std::invalid_argument("the trie must have a root (num_nodes >= 1)");
+  check_beam_step_args(a);
   // Candidates store parent and token as 32-bit integers.
   if (a.k > INT32_MAX || a.beams_in > INT32_MAX)
     throw std::invalid_argument("logits: at most 2^31 - 1 beams and codes per row");

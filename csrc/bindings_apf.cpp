@@ -1,66 +1,17 @@
-// Bindings of the item index build and the APF kernel (csrc/item_index_cpu.h, csrc/apf_cpu.h).
+// Bindings of the APF kernel (csrc/apf_cpu.h).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <string>
+#include <utility>
+
 #include "apf_cpu.h"
 #include "bindings_util.h"
-#include "item_index_cpu.h"
+#include "item_index.h"
 
 namespace sigma_fast::bind {
 namespace {
-
-std::string len_str(int64_t n) { return std::to_string(n); }
-
-void require_shape(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  std::string want = "[";
-  int i = 0;
-  for (int64_t s : shape) {
-    want += (i ? ", " : "") + std::to_string(s);
-    ok = ok && a.shape(i) == s;
-    ++i;
-  }
-  require(ok, std::string(name) + ": expected shape " + want + "], got " + shape_str(a));
-}
-
-void item_index_build(const py::array& embeddings, const py::array& buckets, int64_t num_buckets,
-                      const py::object& ids, py::array out_emb, py::array offsets,
-                      py::array out_ids, py::array positions) {
-  check_array<float>(embeddings, "embeddings", 2);
-  check_array<int64_t>(buckets, "buckets", 1);
-  require_contiguous(buckets, "buckets");
-  const int64_t n = embeddings.shape(0), d = embeddings.shape(1);
-  require(num_buckets >= 1, "num_buckets must be >= 1; got " + len_str(num_buckets));
-  require_shape(buckets, "buckets", {n});
-  check_array<float>(out_emb, "out_emb", 2, true);
-  require_contiguous(out_emb, "out_emb");
-  require_shape(out_emb, "out_emb", {n, d});
-  for (auto [arr, name, len] : {std::tuple{&offsets, "offsets", num_buckets + 1},
-                                std::tuple{&out_ids, "out_ids", n},
-                                std::tuple{&positions, "positions", n}}) {
-    check_array<int64_t>(*arr, name, 1, true);
-    require_contiguous(*arr, name);
-    require_shape(*arr, name, {len});
-  }
-  const int64_t* id_ptr = nullptr;
-  py::array id_arr;
-  if (!ids.is_none()) {
-    id_arr = ids.cast<py::array>();
-    check_array<int64_t>(id_arr, "item_ids", 1);
-    require_contiguous(id_arr, "item_ids");
-    require_shape(id_arr, "item_ids", {n});
-    id_ptr = static_cast<const int64_t*>(id_arr.data());
-  }
-  const int64_t lde = row_stride(embeddings, "embeddings");
-  const auto* ep = static_cast<const float*>(embeddings.data());
-  const auto* bp = static_cast<const int64_t*>(buckets.data());
-  auto* oe = static_cast<float*>(out_emb.mutable_data());
-  auto* oo = static_cast<int64_t*>(offsets.mutable_data());
-  auto* oi = static_cast<int64_t*>(out_ids.mutable_data());
-  auto* op = static_cast<int64_t*>(positions.mutable_data());
-  py::gil_scoped_release release;
-  sigma_fast::item_index_build_cpu(ep, n, d, lde, bp, num_buckets, id_ptr, oe, oo, oi, op);
-}
 
 void apf_fuse(const py::array& prefix_scores, const py::array& prefix_ids,
               const py::array& queries, const py::array& embeddings, const py::array& offsets,
@@ -97,7 +48,7 @@ void apf_fuse(const py::array& prefix_scores, const py::array& prefix_ids,
     check_array<bool>(mask_arr, "allowed", 2);
     require_contiguous(mask_arr, "allowed");
     require(mask_arr.shape(0) == 1 || mask_arr.shape(0) == b,
-            "allowed: expected 1 or " + len_str(b) + " rows, got shape " + shape_str(mask_arr));
+            "allowed: expected 1 or " + std::to_string(b) + " rows, got shape " + shape_str(mask_arr));
     mask.data = static_cast<const uint8_t*>(mask_arr.data());
     mask.length = mask_arr.shape(1);
     mask.ld = mask_arr.shape(0) == 1 ? 0 : mask.length;
@@ -127,7 +78,7 @@ void apf_fuse(const py::array& prefix_scores, const py::array& prefix_ids,
     require_shape(bsim_arr, "bucket_sims", {b, k, top_m});
     bsim = static_cast<float*>(bsim_arr.mutable_data());
   }
-  const sigma_fast::ApfIndex index{static_cast<const float*>(embeddings.data()), n, d, off,
+  const sigma_fast::ApfIndex index{embeddings.data(), ApfEmbType::kFloat32, n, d, off,
                                    num_buckets, static_cast<const int64_t*>(item_ids.data())};
   const sigma_fast::ApfParams params{top_m, top_n, tau, adaptive, sigma_min, normalize_bucket,
                                      dedup};
@@ -144,9 +95,6 @@ void apf_fuse(const py::array& prefix_scores, const py::array& prefix_ids,
 }  // namespace
 
 void bind_apf(py::module_& m) {
-  m.def("item_index_build", &item_index_build, py::arg("embeddings"), py::arg("buckets"),
-        py::arg("num_buckets"), py::arg("item_ids"), py::arg("out_emb"), py::arg("offsets"),
-        py::arg("out_ids"), py::arg("positions"));
   m.def("apf_fuse", &apf_fuse, py::arg("prefix_scores"), py::arg("prefix_ids"),
         py::arg("queries"), py::arg("embeddings"), py::arg("offsets"), py::arg("item_ids"),
         py::arg("allowed"), py::arg("top_m"), py::arg("top_n"), py::arg("tau"),

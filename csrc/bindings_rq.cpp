@@ -52,17 +52,17 @@ void rq_decode_t(const py::array& codes, const py::array& codebooks, int64_t lev
   const int64_t ldc = row_stride(codes, "codes");
   const auto* cp = static_cast<const CodeT*>(codes.data());
   const auto* cb = static_cast<const float*>(codebooks.data());
+  const int64_t ldo = row_stride(out, "out");
   auto* op = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release release;
-  sigma_fast::rq_decode_cpu<CodeT>(cp, n, ldc, levels, cb, k, d, op);
+  sigma_fast::rq_decode_cpu<CodeT>(cp, n, ldc, levels, cb, k, d, op, ldo);
 }
 
 void rq_decode(const py::array& codes, const py::array& codebooks, int64_t levels,
                py::array out) {
   check_array<float>(codebooks, "codebooks", 3);
   require_contiguous(codebooks, "codebooks");
-  check_array<float>(out, "out", 2, true);
-  require_contiguous(out, "out");
+  check_array<float>(out, "out", 2, true);  // rows may be strided (row_stride checks)
   require(codes.ndim() == 2, "codes: expected a 2-d array, got shape " + shape_str(codes));
   require(levels >= 0 && levels <= codes.shape(1) && levels <= codebooks.shape(0),
           "levels: expected 0 <= levels <= min(codes.shape[1], codebooks.shape[0]); got " +

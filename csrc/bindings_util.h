@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
 #include <string>
 
 #include "common.h"
@@ -14,7 +16,6 @@ namespace sigma_fast::bind {
 
 namespace py = pybind11;
 using sigma_fast::require;
-
 
 inline std::string shape_str(const py::array& a) {
   std::string s = "[";
@@ -52,6 +53,62 @@ inline int64_t row_stride(const py::array& a, const char* name) {
 inline void require_contiguous(const py::array& a, const char* name) {
   if (!(a.flags() & py::array::c_style))
     throw std::invalid_argument(std::string(name) + ": expected a C-contiguous array");
+}
+
+inline void require_shape(const py::array& a, const char* name,
+                          std::initializer_list<int64_t> shape) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  std::string want = "[";
+  int i = 0;
+  for (int64_t s : shape) {
+    want += (i ? ", " : "") + std::to_string(s);
+    ok = ok && a.shape(i) == s;
+    ++i;
+  }
+  require(ok, std::string(name) + ": expected shape " + want + "], got " + shape_str(a));
+}
+
+// Element stride of dimension `dim` (bytes -> elements), required non-negative.
+inline int64_t elem_stride(const py::array& a, int dim, const char* name) {
+  const auto item = static_cast<py::ssize_t>(a.itemsize());
+  if (a.strides(dim) < 0 || a.strides(dim) % item != 0)
+    throw std::invalid_argument(std::string(name) + ": unsupported stride in dimension " +
+                                std::to_string(dim));
+  return static_cast<int64_t>(a.strides(dim) / item);
+}
+
+// Argument checks that build their message only on failure, for the ops that run once per
+// generated token (the trie walk and the beam step): a few microseconds of string formatting
+// per argument would dominate small steps.
+template <class T>
+void check_arg(const py::array& a, const char* name, int ndim, bool writable = false) {
+  if (!a.dtype().is(py::dtype::of<T>()) || a.ndim() != ndim || (writable && !a.writeable()))
+    check_array<T>(a, name, ndim, writable);  // throws with the full message
+}
+
+// A C-contiguous int64 vector, of the given length unless length < 0.
+inline void check_vector(const py::array& a, const char* name, int64_t length = -1) {
+  check_arg<int64_t>(a, name, 1);
+  if (!(a.flags() & py::array::c_style)) require_contiguous(a, name);
+  if (length >= 0 && a.shape(0) != length)
+    throw std::invalid_argument(std::string(name) + ": expected length " +
+                                std::to_string(length) + ", got " + shape_str(a));
+}
+
+inline const int64_t* i64(const py::array& a) { return static_cast<const int64_t*>(a.data()); }
+
+// Checks the trie's CSR child lists (csrc/trie.h) that the walk and the beam step index
+// into; returns the number of nodes.
+inline int64_t check_children(const py::array& child_offsets, const py::array& child_tokens,
+                              const py::array& child_nodes) {
+  check_vector(child_offsets, "child_offsets");
+  require(child_offsets.shape(0) >= 2, "child_offsets: expected at least 2 entries (a root)");
+  const int64_t nodes = child_offsets.shape(0) - 1;
+  const int64_t slots = i64(child_offsets)[nodes];
+  require(slots >= 0, "child_offsets: the last entry must be >= 0");
+  check_vector(child_tokens, "child_tokens", slots);
+  check_vector(child_nodes, "child_nodes", slots);
+  return nodes;
 }
 
 }  // namespace sigma_fast::bind

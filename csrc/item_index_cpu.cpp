@@ -18,21 +18,6 @@ bool l2_normalize_row(const float* q, int64_t d, float* out) {
   return true;
 }
 
-void check_offsets(const int64_t* offsets, int64_t num_buckets, int64_t n) {
-  require(num_buckets >= 0, "offsets: expected num_buckets >= 0");
-  require(offsets[0] == 0, "offsets[0] must be 0; got " + std::to_string(offsets[0]));
-  for (int64_t u = 0; u < num_buckets; ++u) {
-    if (offsets[u + 1] < offsets[u])
-      throw std::invalid_argument("offsets must be non-decreasing; got offsets[" +
-                                  std::to_string(u + 1) + "] = " + std::to_string(offsets[u + 1]) +
-                                  " < offsets[" + std::to_string(u) +
-                                  "] = " + std::to_string(offsets[u]));
-  }
-  require(offsets[num_buckets] == n, "offsets[-1] must equal the number of items (" +
-                                         std::to_string(n) + "); got " +
-                                         std::to_string(offsets[num_buckets]));
-}
-
 void item_index_build_cpu(const float* emb, int64_t n, int64_t d, int64_t lde,
                           const int64_t* bucket, int64_t num_buckets, const int64_t* ids,
                           float* out_emb, int64_t* offsets, int64_t* out_ids,

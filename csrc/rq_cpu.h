@@ -1,7 +1,10 @@
-// Residual quantization on the CPU (torch-free). Semantics: python/sigma_fast/reference/rq.py.
+// Residual quantization on the CPU (torch-free). The layout and checks shared with the CUDA
+// twin are in rq.h; semantics: python/sigma_fast/reference/rq.py.
 #pragma once
 
 #include <cstdint>
+
+#include "rq.h"
 
 namespace sigma_fast {
 
@@ -18,10 +21,12 @@ void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const floa
                    int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err,
                    RqStrategy strategy = RqStrategy::kAuto);
 
-// Sums the codewords of the first `levels` columns of codes (row stride ldc) into out (n x d).
-// Throws std::out_of_range naming the row and level of a code outside [0, k).
+// Sums the codewords of the first `levels` columns of codes (row stride ldc) into out (n rows of
+// d floats, row stride ldo >= d). Throws std::out_of_range naming the row and level of a code
+// outside [0, k); rows before it may already be written. Outputs larger than the caller's caches
+// are written with streaming (non-temporal) stores, which skip reading the destination first.
 template <class CodeT>
 void rq_decode_cpu(const CodeT* codes, int64_t n, int64_t ldc, int64_t levels,
-                   const float* codebooks, int64_t k, int64_t d, float* out);
+                   const float* codebooks, int64_t k, int64_t d, float* out, int64_t ldo);
 
 }  // namespace sigma_fast

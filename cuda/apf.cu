@@ -102,7 +102,7 @@ __device__ __forceinline__ int64_t count_better(const float* as, const int64_t* 
 }
 
 // t_b exactly as apf_fuse_cpu computes it (0 for a request without a finite score).
-__device__ double request_temperature(const float* phi, int64_t K, const ApfCudaParams& p) {
+__device__ double request_temperature(const float* phi, int64_t K, const ApfParams& p) {
   double sum = 0.0;
   int64_t n = 0;
   for (int64_t j = 0; j < K; ++j) {
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     apf_scan_kernel(const float* __restrict__ phi, const int64_t* __restrict__ pids,
                     const float* __restrict__ queries, int64_t K, const T* __restrict__ emb,
                     int64_t D, const int64_t* __restrict__ offsets, int64_t U,
-                    const int64_t* __restrict__ item_ids, ApfCudaMask mask, ApfCudaParams p,
+                    const int64_t* __restrict__ item_ids, ApfMask mask, ApfParams p,
                     Workspace ws, int64_t* __restrict__ bucket_ids,
                     float* __restrict__ bucket_sims) {
   __shared__ float cand_sim[kTileRows];  // this tile's survivors, unordered
@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     apf_fuse_kernel(const float* __restrict__ phi, const int64_t* __restrict__ pids, int64_t K,
-                    ApfCudaParams p, Workspace ws, int64_t* __restrict__ out_ids,
+                    ApfParams p, Workspace ws, int64_t* __restrict__ out_ids,
                     float* __restrict__ out_logp, int64_t* __restrict__ out_src) {
   __shared__ double red_lp[kThreads];
   __shared__ int64_t red_id[kThreads], red_k[kThreads];
@@ -479,8 +479,8 @@ Plan make_plan(int64_t batch, int64_t k, int64_t dim, int64_t top_m) {
 
 template <class T>
 void launch_scan(const float* phi, const int64_t* pids, const float* queries, int64_t batch,
-                 int64_t k, const ApfCudaIndex& index, const ApfCudaMask& mask,
-                 const ApfCudaParams& params, const Workspace& ws, int64_t* bucket_ids,
+                 int64_t k, const ApfIndex& index, const ApfMask& mask,
+                 const ApfParams& params, const Workspace& ws, int64_t* bucket_ids,
                  float* bucket_sims, cudaStream_t stream) {
   apf_scan_kernel<T><<<static_cast<unsigned>(batch * k), kThreads, 0, stream>>>(
       phi, pids, queries, k, static_cast<const T*>(index.embeddings), index.dim, index.offsets,
@@ -495,21 +495,12 @@ int64_t apf_fuse_cuda_workspace_bytes(int64_t batch, int64_t k, int64_t dim, int
 }
 
 void apf_fuse_cuda(const float* prefix_scores, const int64_t* prefix_ids, const float* queries,
-                   int64_t batch, int64_t k, const ApfCudaIndex& index, const ApfCudaMask& allowed,
-                   const ApfCudaParams& params, int64_t* out_ids, float* out_logp,
+                   int64_t batch, int64_t k, const ApfIndex& index, const ApfMask& allowed,
+                   const ApfParams& params, int64_t* out_ids, float* out_logp,
                    int64_t* out_src, int64_t* bucket_ids, float* bucket_sims, void* workspace,
                    int64_t workspace_bytes, cudaStream_t stream) {
+  check_apf_args(batch, k, index, allowed, params);
   const Plan plan = make_plan(batch, k, index.dim, params.top_m);
-  require(index.num_buckets >= 1 && index.num_items >= 0,
-          "apf_fuse (cuda): expected num_buckets >= 1 and num_items >= 0");
-  require(params.top_n >= 1, "apf_fuse (cuda): top_n must be >= 1; got " +
-                                 std::to_string(params.top_n));
-  require(params.tau > 0.0 && std::isfinite(params.tau),
-          "apf_fuse (cuda): tau must be finite and > 0");
-  require(params.sigma_min >= 0.0 && std::isfinite(params.sigma_min),
-          "apf_fuse (cuda): sigma_min must be finite and >= 0");
-  require(allowed.data == nullptr || (allowed.ld >= 0 && allowed.length >= 0),
-          "apf_fuse (cuda): bad allowed-mask layout");
   require(workspace_bytes >= plan.bytes,
           "apf_fuse (cuda): workspace of " + std::to_string(workspace_bytes) +
               " bytes is smaller than the " + std::to_string(plan.bytes) + " bytes needed");

@@ -1,7 +1,9 @@
-// Adaptive probabilistic fusion (APF) on CUDA (torch-free). Semantics:
-// python/sigma_fast/reference/apf.py; precision and tie rules mirror the CPU twin,
-// csrc/apf_cpu.h (similarities in fp32, temperatures, softmax and log P in fp64; top-M ties
-// go to the smaller item id, top-N ties to the smaller item id, then the smaller beam).
+// Adaptive probabilistic fusion (APF) on CUDA (torch-free). The argument structs, shared with
+// the CPU twin, are in csrc/apf.h; semantics: python/sigma_fast/reference/apf.py; precision
+// and tie rules mirror the CPU twin, csrc/apf_cpu.h (similarities in fp32, temperatures,
+// softmax and log P in fp64; top-M ties go to the smaller item id, top-N ties to the smaller
+// item id, then the smaller beam). Embeddings may be float32, float16 or bfloat16
+// (index.emb_type).
 //
 // Two launches on the caller's stream, no host synchronisation, no allocation:
 //   1. one block per (b, k): normalise the query, scan the bucket's rows (one warp per row,
@@ -17,37 +19,9 @@
 
 #include <cstdint>
 
+#include "apf.h"
+
 namespace sigma_fast {
-
-// Element type of the index embeddings (similarities are accumulated in fp32 either way).
-enum class ApfEmbType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// The index tensors on the device (see csrc/item_index_cpu.h), all contiguous.
-struct ApfCudaIndex {
-  const void* embeddings;  // num_items x dim of `emb_type`, rows L2-normalised
-  ApfEmbType emb_type;
-  int64_t num_items, dim;
-  const int64_t* offsets;  // num_buckets + 1
-  int64_t num_buckets;
-  const int64_t* item_ids;  // num_items
-};
-
-// Allowed-item masks (bool bytes indexed by caller item id): request b reads data + b * ld
-// (ld = 0: shared). data == nullptr allows everything. An id >= length counts as not allowed
-// (the Python layer sizes masks by the index's id bound, so this never happens there).
-struct ApfCudaMask {
-  const uint8_t* data;
-  int64_t ld, length;
-};
-
-struct ApfCudaParams {
-  int64_t top_m, top_n;
-  double tau;              // > 0
-  bool adaptive;           // t_b = max(std(phi_b), sigma_min) / tau, else 1 / tau
-  double sigma_min;        // >= 0
-  bool normalize_bucket;   // logsumexp over the whole allowed bucket instead of the top M
-  bool dedup;              // an item reachable from two beams keeps its best log P once
-};
 
 // Bytes of device scratch apf_fuse_cuda needs (0 when batch or k is 0). Linear in
 // batch * k * (top_m + dim): per (b, k) the top-M list twice (double buffer, 12 bytes an
@@ -66,8 +40,8 @@ int64_t apf_fuse_cuda_workspace_bytes(int64_t batch, int64_t k, int64_t dim, int
 // alignment. Throws std::invalid_argument for bad sizes (before launching) and
 // std::runtime_error carrying cudaGetErrorString for a failed launch.
 void apf_fuse_cuda(const float* prefix_scores, const int64_t* prefix_ids, const float* queries,
-                   int64_t batch, int64_t k, const ApfCudaIndex& index, const ApfCudaMask& allowed,
-                   const ApfCudaParams& params, int64_t* out_ids, float* out_logp,
+                   int64_t batch, int64_t k, const ApfIndex& index, const ApfMask& allowed,
+                   const ApfParams& params, int64_t* out_ids, float* out_logp,
                    int64_t* out_src, int64_t* bucket_ids, float* bucket_sims, void* workspace,
                    int64_t workspace_bytes, cudaStream_t stream);
 

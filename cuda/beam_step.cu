@@ -59,10 +59,10 @@ constexpr int kMergeCap = 2048;
 constexpr int kMergeThreads = 256;
 // Requests (or split blocks) with at most rank_max candidates (default kRankDefault, at most
 // kRankCap) skip the radix select: their scores go to shared memory and every candidate counts
-// the ones that rank before it, a loop over all of them per thread. Measured on an H200 (CUDA
-// graph, K = 256, cut-offs 0 / 128 / 192 / 256 / 512): deep steps ((16, 20), (64, 50) split in
-// two: up to ~190 candidates per block) 0.7-2.5 us faster than with the radix passes; a root
-// step (256 candidates) 1.8-2.7 us slower. Hence 192.
+// the ones that rank before it, a loop over all of them per thread, so it pays only for small
+// blocks: with K = 256 it beat the radix passes for the deep steps (up to ~190 candidates per
+// block) and lost to them for a root step (256 candidates). Hence 192 (the sweep of cut-offs
+// is in bench/RESULTS.md).
 constexpr int kRankCap = 1024;
 constexpr int kRankDefault = 192;
 
@@ -204,7 +204,7 @@ __device__ __forceinline__ int64_t beam_of(const int64_t* start, int64_t beams_i
   return l;
 }
 
-__device__ __forceinline__ void write_beam(const BeamStepCudaArgs& a, int64_t o, float score,
+__device__ __forceinline__ void write_beam(const BeamStepArgs& a, int64_t o, float score,
                                            int64_t parent, int64_t token, int64_t state) {
   a.out_scores[o] = score;
   a.out_parent[o] = parent;
@@ -214,7 +214,7 @@ __device__ __forceinline__ void write_beam(const BeamStepCudaArgs& a, int64_t o,
 
 // Request b met an input error e = (beam << 8) | code: W poisoned beams and its status. Called
 // by every thread of a block of `threads`.
-__device__ void write_request_error(const BeamStepCudaArgs& a, int64_t b, unsigned long long e,
+__device__ void write_request_error(const BeamStepArgs& a, int64_t b, unsigned long long e,
                                     int tid, int threads) {
   for (int64_t j = tid; j < a.beam_width; j += threads)
     write_beam(a, b * a.beam_width + j, CUDART_NAN_F, -1, -1, -1);
@@ -225,7 +225,7 @@ __device__ void write_request_error(const BeamStepCudaArgs& a, int64_t b, unsign
 }
 
 // Request b's first `kept` output beams are written: pad the rest and set its status.
-__device__ void finish_request(const BeamStepCudaArgs& a, int64_t b, int64_t kept, int tid,
+__device__ void finish_request(const BeamStepArgs& a, int64_t b, int64_t kept, int tid,
                                int threads) {
   for (int64_t j = kept + tid; j < a.beam_width; j += threads)
     write_beam(a, b * a.beam_width + j, -CUDART_INF_F, -1, -1, -1);
@@ -240,7 +240,7 @@ __device__ void finish_request(const BeamStepCudaArgs& a, int64_t b, int64_t kep
 // (splits == 1) write the request's outputs.
 template <bool kSplit>
 __global__ void __launch_bounds__(kThreads)
-    beam_step_kernel(const BeamStepCudaArgs a, const Layout p, char* ws, int splits,
+    beam_step_kernel(const BeamStepArgs a, const Layout p, char* ws, int splits,
                      int rank_max) {
   const int64_t b = blockIdx.x / splits;
   const int split = static_cast<int>(blockIdx.x % splits);
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
   int64_t* sel_idx = reinterpret_cast<int64_t*>(ws + p.sel_idx) + part * W;
   const uint8_t* allowed = a.allowed ? a.allowed + b * a.ld_allowed : nullptr;
   const float* logits = a.logits + b * a.ld_b;
-  const bool normalized = a.normalize != 2;
+  const bool normalized = a.normalize != BeamNormalize::kNone;
 
   __shared__ unsigned hist[256];
   __shared__ float sh_cand[kRankCap];
@@ -326,13 +326,13 @@ __global__ void __launch_bounds__(kThreads)
           if (__any_sync(kFullMask, corrupt)) {
             code = kBeamStatusBadTrie;
           } else {
-            if (a.normalize == 0) {  // full row
+            if (a.normalize == BeamNormalize::kFull) {
               if (m > -CUDART_INF_F) {
                 float sum = 0.0f;
                 for (int64_t i = lane; i < k; i += 32) sum = __fadd_rn(sum, expf(row[i] - m));
                 lse = __fadd_rn(m, logf(warp_sum(sum)));
               }
-            } else if (a.normalize == 1) {  // the allowed children only
+            } else if (a.normalize == BeamNormalize::kValid) {
               float mv = -CUDART_INF_F;
               for (int64_t e = lo + lane; e < hi; e += 32) {
                 if (allowed && !allowed[a.child_nodes[e]]) continue;
@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(kThreads)
 // p + (entries of earlier lists with a score >= its score) + (entries of later lists with a
 // score > its score): one binary search per other list.
 __global__ void __launch_bounds__(kMergeThreads)
-    beam_merge_kernel(const BeamStepCudaArgs a, const Layout p, char* ws, int splits) {
+    beam_merge_kernel(const BeamStepArgs a, const Layout p, char* ws, int splits) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
   const int64_t W = a.beam_width;
@@ -643,14 +643,14 @@ __global__ void __launch_bounds__(kMergeThreads)
   finish_request(a, b, n < W ? n : W, tid, kMergeThreads);
 }
 
-// Blocks per request. Each block has a fixed latency of several microseconds (its chain of
-// dependent memory reads, block syncs and radix passes), so splitting pays only where a
-// request has many candidates and the batch leaves SMs idle. Measured on an H200 (132 SMs) with
-// K = 256: at (B, W) = (64, 50) two blocks per request take the widest step (12.5k candidates
-// per request) from 39 to 28 us and cost 0.5-2.5 us at the root and deep levels; at (16, 20)
-// (5k candidates at most) splitting loses more at the root and deep levels than it gains, and
-// three or more blocks were slower everywhere. Hence: 2 when beams_in * k >= 8192 and
-// batch <= the SM count, else 1. SIGMA_FAST_BEAM_SPLITS=s (1..kMaxSplits) overrides it.
+// Blocks per request. Each block has a fixed latency (its chain of dependent memory reads,
+// block syncs and radix passes), so splitting pays only where a request has many candidates
+// and the batch leaves SMs idle. With K = 256, two blocks per request sped up the widest step
+// at (B, W) = (64, 50) (12.5k candidates per request) and cost a little at the root and deep
+// levels; at (16, 20) (5k candidates at most) splitting lost more at the root and deep levels
+// than it gained, and three or more blocks were slower everywhere (the sweep is in
+// bench/RESULTS.md). Hence: 2 when beams_in * k >= 8192 and batch <= the SM count, else 1.
+// SIGMA_FAST_BEAM_SPLITS=s (1..kMaxSplits) overrides it.
 int choose_splits(int64_t batch, int64_t beams_in, int64_t k, int64_t beam_width) {
   int s = 0;
   if (const char* env = std::getenv("SIGMA_FAST_BEAM_SPLITS")) s = std::atoi(env);
@@ -675,13 +675,9 @@ int64_t constrained_beam_step_cuda_workspace_bytes(int64_t batch, int64_t beams_
   return plan(batch, beams_in, k, beam_width).bytes;
 }
 
-void constrained_beam_step_cuda(const BeamStepCudaArgs& a, cudaStream_t stream) {
+void constrained_beam_step_cuda(const BeamStepArgs& a, cudaStream_t stream) {
+  check_beam_step_args(a);
   const Layout p = plan(a.batch, a.beams_in, a.k, a.beam_width);
-  if (a.num_nodes < 1) throw std::invalid_argument("the trie must have a root (num_nodes >= 1)");
-  if (a.normalize < 0 || a.normalize > 2)
-    throw std::invalid_argument("constrained_beam_step_cuda: normalize must be 0, 1 or 2");
-  if (a.ld_b < 0 || a.ld_w < 0 || a.ld_allowed < 0)
-    throw std::invalid_argument("constrained_beam_step_cuda: negative stride");
   if (a.batch == 0) return;
   if (a.workspace_bytes < p.bytes)
     throw std::invalid_argument("constrained_beam_step_cuda: workspace of " +

@@ -445,11 +445,7 @@ struct EncodePlan {
 constexpr int kPlanArrays = 13;  // cnorm + 12 per-chunk arrays (greedy uses 2 of them)
 
 void check_encode_sizes(int64_t n, int64_t d, int64_t levels, int64_t k, int64_t beam_width) {
-  require(n >= 0 && d >= 1 && levels >= 1 && k >= 1,
-          "rq_encode: expected n >= 0, d >= 1, levels >= 1, k >= 1; got n=" + std::to_string(n) +
-              " d=" + std::to_string(d) + " levels=" + std::to_string(levels) +
-              " k=" + std::to_string(k));
-  require(beam_width >= 1, "rq_encode: beam_width must be >= 1; got " + std::to_string(beam_width));
+  check_rq_encode_sizes(n, d, levels, k, beam_width);
   require(k <= INT_MAX && d <= INT_MAX && levels <= INT_MAX,
           "rq_encode (cuda): k, d and levels must each be < 2^31; got d=" + std::to_string(d) +
               " levels=" + std::to_string(levels) + " k=" + std::to_string(k));
@@ -579,8 +575,7 @@ void rq_encode_cuda(const float* x, int64_t n, int64_t d, int64_t ldx, const flo
                     int64_t levels, int64_t k, int64_t beam_width, int64_t* codes, float* err,
                     void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
   const EncodePlan p = make_plan(n, d, levels, k, beam_width);
-  require(ldx >= d, "rq_encode: row stride of x must be >= d; got ldx=" + std::to_string(ldx) +
-                        " d=" + std::to_string(d));
+  check_rq_encode_stride(ldx, d);
   if (n == 0) return;
   require(x != nullptr && codebooks != nullptr && codes != nullptr,
           "rq_encode (cuda): x, codebooks and codes must be non-null device pointers");
@@ -615,10 +610,7 @@ template <class CodeT>
 void rq_decode_cuda(const CodeT* codes, int64_t n, int64_t ldc, int64_t levels,
                     const float* codebooks, int64_t k, int64_t d, float* out,
                     cudaStream_t stream) {
-  require(n >= 0 && d >= 1 && levels >= 0 && k >= 1 && ldc >= 0,
-          "rq_decode: expected n >= 0, d >= 1, levels >= 0, k >= 1, ldc >= 0; got n=" +
-              std::to_string(n) + " d=" + std::to_string(d) + " levels=" +
-              std::to_string(levels) + " k=" + std::to_string(k) + " ldc=" + std::to_string(ldc));
+  check_rq_decode_sizes(n, d, levels, k, ldc);
   if (n == 0) return;
   require(out != nullptr && codebooks != nullptr && (levels == 0 || codes != nullptr),
           "rq_decode (cuda): codes, codebooks and out must be non-null device pointers");

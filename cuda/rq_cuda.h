@@ -1,5 +1,6 @@
-// Residual quantization on CUDA (torch-free). Semantics: python/sigma_fast/reference/rq.py;
-// structure and tie rules mirror the CPU twin, csrc/rq_cpu.h.
+// Residual quantization on CUDA (torch-free). The layout and checks shared with the CPU twin
+// are in csrc/rq.h; semantics: python/sigma_fast/reference/rq.py; structure and tie rules
+// mirror the CPU twin, csrc/rq_cpu.h.
 //
 // Every entry point takes device pointers, sizes, strides and the stream to launch on. Nothing
 // here synchronizes with the host or allocates: the caller owns all memory, including the
@@ -11,6 +12,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+
+#include "rq.h"
 
 namespace sigma_fast {
 

@@ -8,6 +8,9 @@
 #   4. the rest of the test suite (with the device visible, in parallel when xdist is there)
 # Each phase has its own time limit (GPU_CHECK_LIMITS="tests bench rest" in seconds), so a slow
 # phase cannot starve the next. Logs and the benchmark JSON go to $OUT (default ./gpu-results).
+# GPU_CHECK_ONLY=serving restricts phases 2-3 to the serving engine (tests/serving, the serving
+# benchmarks on a synthetic catalogue and a random SmolLM2-135M-shaped model: no dataset or
+# model files needed) and skips phase 4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -39,22 +42,29 @@ plugins=()
 python -c "import xdist" 2>/dev/null && plugins+=(-n 8)
 python -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 120)
 device_tests="cuda or triton or gpu or device"
+test_paths=(tests)
+bench_paths=(bench/)
+if [ "${GPU_CHECK_ONLY:-}" = serving ]; then
+  test_paths=(tests/serving)
+  bench_paths=(bench/bench_serving.py)
+fi
 status=0
 
 start=$SECONDS
-timeout "$lim_tests" python -m pytest -q -p no:cacheprovider tests -rs -k "$device_tests" \
+timeout "$lim_tests" python -m pytest -q -p no:cacheprovider "${test_paths[@]}" -rs -k "$device_tests" \
   "${plugins[@]}" 2>&1 | tee "$out/tests_device.txt" | tail -40
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || status=1
 echo "device tests: rc=$rc in $((SECONDS - start)) s"
 
 start=$SECONDS
 SIGMA_FAST_BENCH_N=${SIGMA_FAST_BENCH_N:-1000000} SIGMA_FAST_BENCH_JSON="$out/bench.json" \
-  timeout "$lim_bench" python -m pytest -q -p no:cacheprovider bench/ --benchmark-only -k gpu \
+  timeout "$lim_bench" python -m pytest -q -p no:cacheprovider "${bench_paths[@]}" --benchmark-only -k gpu \
   --benchmark-columns=min,median,rounds 2>&1 | tee "$out/bench.txt" \
   | sed -n '/benchmark summary/,$p'
 rc=${PIPESTATUS[0]}; [ "$rc" -eq 0 ] || status=1
 echo "benchmarks: rc=$rc in $((SECONDS - start)) s"
 
+[ "${GPU_CHECK_ONLY:-}" = serving ] && exit $status
 start=$SECONDS
 timeout "$lim_rest" python -m pytest -q -p no:cacheprovider tests -rs -k "not ($device_tests)" \
   "${plugins[@]}" 2>&1 | tee "$out/tests_rest.txt" | tail -25

@@ -28,10 +28,13 @@ from .trie import PrefixTrie
 
 def set_num_threads(n: int) -> None:
     """Threads used by the C++ backend (0 = all hardware threads; default, or the
-    SIGMA_FAST_NUM_THREADS environment variable)."""
+    SIGMA_FAST_NUM_THREADS environment variable). An explicit count also stops the training and
+    generation loops from adapting thread counts to the free CPUs (``sigma_fast._threads``)."""
+    from . import _threads
     from ._backends import require_backend
 
     require_backend("cpu").set_num_threads(int(n))
+    _threads.pin()
 
 
 def get_num_threads() -> int:

@@ -73,7 +73,7 @@ def _apf_cpu(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, a
     return ids, logp, src, b_ids, b_sims
 
 
-_EMB_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/apf_cuda.h
+_EMB_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ApfEmbType, csrc/apf.h
 
 
 def _apf_cuda(phi, pids, q, emb, offsets, item_ids, allowed, top_m, top_n, tau, adaptive,

@@ -77,8 +77,8 @@ def _step_cpu(logits, beam_scores, states, co, ct, cn, allowed, beam_width, norm
     return tuple(torch.from_numpy(o) for o in out)
 
 
-# Per-request status codes of the device kernels (the shared header csrc/beam_step.h,
-# triton/beam_step.py).
+# Per-request status codes of the device kernels (BeamStepStatus in csrc/beam_step.h;
+# triton/beam_step.py mirrors them).
 _OK, _EMPTY, _BAD_SCORE, _BAD_STATE, _BAD_LOGIT, _BAD_TRIE = range(6)
 
 

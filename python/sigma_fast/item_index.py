@@ -84,7 +84,7 @@ class ItemIndex:
             allowed-item masks by them (masks have length ``index.id_bound`` = max id + 1).
         num_buckets: total number of buckets for 1-d ``prefix_codes`` (> max code).
 
-    Layout (every backend reads these tensors; see csrc/item_index_cpu.h):
+    Layout (every backend reads these tensors; see csrc/item_index.h):
         embeddings float32 [N, D]: normalised rows, bucket u in rows offsets[u]:offsets[u+1],
             stable in input order within a bucket; offsets int64 [U + 1]; item_ids int64 [N]:
             the caller id of each storage row; positions int64 [N]: the storage row of input

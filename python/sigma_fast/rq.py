@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from . import reference
-from ._backends import capturing, cuda_stream, load_core, load_cuda, load_triton, run_op, select
+from ._backends import (capturing, cuda_stream, eager, load_core, load_cuda, load_triton, run_op,
+                        select)
 from ._checks import (
     as_tensor,
     check_dtype,
@@ -81,38 +82,46 @@ _ENCODERS = {
 }
 
 
-def _decode_reference(codes, codebooks, levels):
-    out = reference.rq_decode(codes.cpu().numpy(), codebooks.detach().cpu().numpy(), levels=levels)
-    return torch.from_numpy(out).to(codebooks.device)
+# Decoders write into ``out`` [N, D] float32 (rows may be strided) and return the tensor that
+# holds the result: ``out`` itself, or a tensor the caller copies into it (host copies).
 
 
-def _decode_cpu(codes, codebooks, levels):
+def _decode_reference(codes, codebooks, levels, out):
+    res = reference.rq_decode(codes.cpu().numpy(), codebooks.detach().cpu().numpy(),
+                              levels=levels)
+    out.copy_(torch.from_numpy(res))
+    return out
+
+
+def _decode_cpu(codes, codebooks, levels, out):
     if codes.shape[1] > 1 and codes.stride(1) != 1:
         codes = codes.contiguous()
     codebooks = codebooks.contiguous()
-    out = torch.empty((codes.shape[0], codebooks.shape[2]), dtype=torch.float32)
     load_core().rq_decode(codes.numpy(), codebooks.detach().numpy(), levels, out.numpy())
     return out
 
 
-def _decode_cuda(codes, codebooks, levels):
+def _decode_cuda(codes, codebooks, levels, out):
     mod = load_cuda()
     if codes.shape[1] > 1 and codes.stride(1) != 1:
         codes = codes.contiguous()
     codebooks = codebooks.contiguous()
     n = codes.shape[0]
     k, d = codebooks.shape[1:]
-    out = torch.empty((n, d), dtype=torch.float32, device=codebooks.device)
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype,
+                                                         device=out.device)
     with torch.cuda.device(codebooks.device):
         mod.rq_decode(codes.data_ptr(), codes.dtype == torch.int64, n,
                       codes.stride(0) if n > 1 else codes.shape[1], levels,
-                      codebooks.data_ptr(), k, d, out.data_ptr(),
+                      codebooks.data_ptr(), k, d, target.data_ptr(),
                       cuda_stream(codebooks.device))
+    if target is not out:
+        out.copy_(target)
     return out
 
 
-def _decode_triton(codes, codebooks, levels):
-    return load_triton().rq.rq_decode(codes, codebooks, levels)
+def _decode_triton(codes, codebooks, levels, out):
+    return load_triton().rq.rq_decode(codes, codebooks, levels, out=out)
 
 
 _DECODERS = {
@@ -140,12 +149,21 @@ def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, b
     return encode(x, codebooks, beam_width)
 
 
-def _rq_decode_impl(codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str):
+def _decode_into(codes, codebooks, levels, backend, out):
     if not capturing(codebooks.device):
         check_finite(codebooks, "codebooks")
         check_index_range(codes[:, :levels], "codes", codebooks.shape[1])
     _, decode = select("rq_decode", _DECODERS, backend, codebooks.device)
-    return decode(codes, codebooks, levels)
+    res = decode(codes, codebooks, levels, out)
+    if res is not out:  # computed on host copies
+        out.copy_(res)
+
+
+def _rq_decode_impl(codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str):
+    out = torch.empty((codes.shape[0], codebooks.shape[2]), dtype=torch.float32,
+                      device=codebooks.device)
+    _decode_into(codes, codebooks, levels, backend, out)
+    return out
 
 
 @torch.library.custom_op("sigma_fast::rq_encode", mutates_args=())
@@ -173,6 +191,18 @@ def _rq_decode_op(
 @_rq_decode_op.register_fake
 def _(codes, codebooks, levels, backend):
     return codebooks.new_empty((codes.shape[0], codebooks.shape[2]))
+
+
+@torch.library.custom_op("sigma_fast::rq_decode_out", mutates_args=("out",))
+def _rq_decode_out_op(
+    codes: torch.Tensor, codebooks: torch.Tensor, levels: int, backend: str, out: torch.Tensor
+) -> None:
+    _decode_into(codes, codebooks, levels, backend, out)
+
+
+@_rq_decode_out_op.register_fake
+def _(codes, codebooks, levels, backend, out):
+    return None
 
 
 # ------------------------------------------------------------------------------ public ops
@@ -233,7 +263,8 @@ def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
     return to_output(codes, was_numpy)
 
 
-def rq_decode(codes, codebooks, *, levels: int | None = None, backend: str | None = None):
+def rq_decode(codes, codebooks, *, levels: int | None = None, out=None,
+              backend: str | None = None):
     """Reconstruct vectors from codes: ``out = sum_{l < levels} codebooks[l, codes[:, l]]``,
     summed in level order in float32.
 
@@ -241,9 +272,14 @@ def rq_decode(codes, codebooks, *, levels: int | None = None, backend: str | Non
         codes: int32 or int64 [N, L'] with L' <= L (extra levels of codebooks are unused).
         codebooks: float32 [L, K, D].
         levels: decode only the first ``levels`` levels (default: all of codes' columns).
+        out: optional float32 [N, D] buffer to write into (a tensor on the codebooks' device,
+            or a writable NumPy array for NumPy inputs); rows may be strided (each row
+            contiguous); it must not share memory with codes or codebooks. Decoding into a
+            buffer that is reused (already touched) avoids the page faults of a fresh output.
 
-    Returns float32 [N, D] of the codes' kind and the codebooks' device. Codes outside
-    [0, K) raise IndexError naming the first one.
+    Returns float32 [N, D] of the codes' kind and the codebooks' device (``out`` itself when
+    given). Codes outside [0, K) raise IndexError naming the first one (``out`` is then
+    unspecified).
     """
     codes_t, was_numpy = as_tensor(codes, "codes")
     cb_t, _ = as_tensor(codebooks, "codebooks")
@@ -261,9 +297,42 @@ def rq_decode(codes, codebooks, *, levels: int | None = None, backend: str | Non
     levels = check_int(levels, "levels", 0)
     if levels > codes_t.shape[1]:
         raise ValueError(f"levels must be <= {codes_t.shape[1]} (codes' columns); got {levels}")
-    out = run_op(torch.ops.sigma_fast.rq_decode, _rq_decode_impl, codes_t, cb_t, levels,
-                 backend or "")
-    return to_output(out, was_numpy)
+    if out is None:
+        res = run_op(torch.ops.sigma_fast.rq_decode, _rq_decode_impl, codes_t, cb_t, levels,
+                     backend or "")
+        return to_output(res, was_numpy)
+    out_t = _check_out(out, codes_t, cb_t)
+    run_op(torch.ops.sigma_fast.rq_decode_out, _rq_decode_out_impl, codes_t, cb_t, levels,
+           backend or "", out_t)
+    return out
+
+
+def _rq_decode_out_impl(codes, codebooks, levels, backend, out):
+    _decode_into(codes, codebooks, levels, backend, out)
+
+
+def _check_out(out, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """``out`` as a tensor that decoding may write into, or an exception saying why not."""
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out must be writable; got a read-only NumPy array")
+    out_t, _ = as_tensor(out, "out")
+    check_dtype(out_t, "out", (torch.float32,))
+    want = [codes.shape[0], codebooks.shape[2]]
+    if list(out_t.shape) != want:
+        raise ValueError(f"out must be [N, D] = {want} (codes' rows, codebooks' D); got shape "
+                         f"{list(out_t.shape)}")
+    check_same_device(codebooks, "codebooks", out_t, "out")
+    if out_t.numel() and out_t.shape[1] > 1 and out_t.stride(1) != 1:
+        raise ValueError(f"out rows must be contiguous (stride 1 along D); got strides "
+                         f"{list(out_t.stride())}")
+    if out_t.numel() and out_t.stride(0) < out_t.shape[1] and out_t.shape[0] > 1:
+        raise ValueError(f"out rows must not overlap (row stride >= D = {out_t.shape[1]}); got "
+                         f"strides {list(out_t.stride())}")
+    for other, name in ((codes, "codes"), (codebooks, "codebooks")):
+        if eager() and other.numel() and out_t.numel() and (  # storages: not traceable
+                out_t.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()):
+            raise ValueError(f"out must not share memory with {name}")
+    return out_t
 
 
 def dedup_codes(codes, *, max_suffix: int | None = None):

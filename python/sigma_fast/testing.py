@@ -273,20 +273,28 @@ def core_threads(n: int):
     """Run the block with the C++ core on ``n`` threads (restored afterwards, even on error)."""
     import sigma_fast as sf
 
-    before = sf.get_num_threads()
+    from . import _threads
+
+    before, pinned = sf.get_num_threads(), _threads._pinned
     sf.set_num_threads(n)
     try:
         yield
     finally:
         sf.set_num_threads(before)
+        _threads._pinned = pinned
 
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """Run the block with torch's intra-op pool on ``n`` threads (restored afterwards)."""
-    before = torch.get_num_threads()
+    """Run the block with torch's intra-op pool on ``n`` threads, not adapted to the free CPUs
+    meanwhile (``sigma_fast._threads``); both restored afterwards."""
+    from . import _threads
+
+    before, pinned = torch.get_num_threads(), _threads._pinned
     torch.set_num_threads(n)
+    _threads._pinned = True
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        _threads._pinned = pinned

@@ -59,6 +59,9 @@ def test_custom_ops_pass_opcheck():
     codes = torch.zeros((20, 2), dtype=torch.int64)
     torch.library.opcheck(torch.ops.sigma_fast.rq_decode.default, (codes, cb, 2, ""),
                           test_utils=("test_schema", "test_faketensor"))
+    out = torch.empty((20, 8))
+    torch.library.opcheck(torch.ops.sigma_fast.rq_decode_out.default, (codes, cb, 2, "", out),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
@@ -68,7 +71,8 @@ def test_torch_compile_fullgraph():
     def quantize_and_reconstruct(v, codebooks):
         codes, err = sf.rq_encode(v * 1.0, codebooks, beam_width=2, return_error=True)
         recon = sf.rq_decode(codes, codebooks)
-        return codes, recon, err.sum()
+        again = sf.rq_decode(codes, codebooks, out=torch.empty_like(recon))
+        return codes, recon, err.sum() + (again - recon).abs().sum()
 
     compiled = torch.compile(quantize_and_reconstruct, fullgraph=True)
     got = compiled(x, cb)

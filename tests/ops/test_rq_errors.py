@@ -84,6 +84,25 @@ def test_decode_rejects_bad_arguments():
         sf.rq_decode(np.zeros((3, 2), np.int64), CB, levels=-1)
 
 
+def test_decode_rejects_bad_out_buffers():
+    codes = np.zeros((3, 2), np.int64)
+    with pytest.raises(TypeError, match="out must be float32; got float64"):
+        sf.rq_decode(codes, CB, out=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"out must be \[N, D\] = \[3, 3\].*got shape \[3, 4\]"):
+        sf.rq_decode(codes, CB, out=np.zeros((3, 4), np.float32))
+    ro = np.zeros((3, 3), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writable"):
+        sf.rq_decode(codes, CB, out=ro)
+    with pytest.raises(ValueError, match="out rows must be contiguous"):
+        sf.rq_decode(codes, CB, out=np.zeros((3, 3), np.float32, order="F"))
+    cb = torch.from_numpy(CB.copy())
+    with pytest.raises(ValueError, match="out must not share memory with codebooks"):
+        sf.rq_decode(torch.from_numpy(codes), cb, out=cb[0, :3])
+    with pytest.raises(TypeError, match="out must be a torch.Tensor or numpy.ndarray"):
+        sf.rq_decode(codes, CB, out=[[0.0] * 3] * 3)
+
+
 def test_core_binding_rejects_bad_buffers():
     """The C++ binding re-checks what memory safety depends on."""
     core = pytest.importorskip("sigma_fast._core")

@@ -63,6 +63,35 @@ def test_decode_matches_reference(backend, n, d, levels, k, seed, int32, data):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@given(**SMALL, seed=st.integers(0, 2**31 - 1), pad=st.integers(0, 5), data=st.data())
+def test_decode_into_a_buffer_writes_only_its_rows(backend, n, d, levels, k, seed, pad, data):
+    """out= on every backend: the same values as a fresh decode, written into strided rows of a
+    sentinel-filled buffer whose other cells stay untouched."""
+    x, cb = _data(n, d, levels, k, seed)
+    codes = np.random.default_rng(seed).integers(0, k, size=(n, levels))
+    use = data.draw(st.integers(0, levels))
+    dev = device_for(backend)
+    codes_t, cb_t = torch.from_numpy(codes).to(dev), torch.from_numpy(cb).to(dev)
+    buf = torch.full((n, d + pad + 1), -123.5, device=dev)
+    view = buf[:, 1:d + 1]
+    got = sf.rq_decode(codes_t, cb_t, levels=use, out=view, backend=backend)
+    assert got is view
+    want = sf.rq_decode(codes_t, cb_t, levels=use, backend=backend)
+    assert torch.equal(view, want)
+    assert (buf[:, 0] == -123.5).all() and (buf[:, d + 1:] == -123.5).all()
+
+
+def test_decode_into_a_large_buffer_matches_the_reference():
+    """Large enough for the cpu backend's streaming stores."""
+    rng = np.random.default_rng(4)
+    cb = rng.standard_normal((4, 64, 256)).astype(np.float32)
+    codes = rng.integers(0, 64, size=(9000, 4))
+    out = np.empty((9000, 256), np.float32)
+    assert sf.rq_decode(codes, cb, out=out) is out
+    np.testing.assert_array_equal(out, reference.rq_decode(codes, cb))
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_strided_inputs(backend):
     x_full = clustered_vectors(40, 24, seed=3)
     cb = clustered_vectors(2 * 9, 12, seed=4).reshape(2, 9, 12)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _threads
 from .._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
 
 __all__ = ["MostPopular", "SASRec"]
@@ -251,6 +252,7 @@ class SASRec(nn.Module):
                 perm = torch.randperm(n, generator=gen)
                 total, count = 0.0, 0
                 for start in range(0, n, batch_size):
+                    _threads.adapt()
                     idx = perm[start:start + batch_size]
                     x, y = x_all[idx].to(device), y_all[idx].to(device)
                     keep = y >= 0
@@ -307,6 +309,7 @@ class SASRec(nn.Module):
         device, L, k = self.device, self.max_len, min(top_n, self.num_items)
         try:
             for start in range(0, len(samples), batch_size):
+                _threads.adapt()
                 chunk = samples[start:start + batch_size]
                 tokens = np.zeros((len(chunk), L), np.int64)
                 last = np.zeros(len(chunk), np.int64)  # position of the newest history item

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import _hf
+from .. import _hf, _threads
 from ..apf import apf_fuse
 from ..item_index import ItemIndex
 from ..search import constrained_beam_search
@@ -135,6 +135,7 @@ class Recommender:
         with torch.no_grad():
             for s in tqdm(starts, desc=f"recommend ({self.mode})", leave=False,
                           disable=(not progress) if progress is not None else True):
+                _threads.adapt()
                 parts.append(self._batch(samples[s:s + self.batch_size], top_n))
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
         return Recommendations(cat([p.item_ids for p in parts]), cat([p.scores for p in parts]),

@@ -90,7 +90,10 @@ class SigmaConfig:
 class EncodedSample:
     """One prompt (+ label) as token ids. ``item_slots``/``item_ids``: positions of ``<item>``
     placeholders and the item each one stands for; ``label_start``: index of the first label
-    token (== len(prompt ids)); ``label_codes``: the SID code of each label level."""
+    token (== len(prompt ids)); ``label_codes``: the SID code of each label level;
+    ``history_end``: index just after the last history token. Everything before it (profile
+    and history) is the user's part of the prompt, shared by all of the user's tasks; the
+    instruction follows it."""
 
     input_ids: list[int]
     item_slots: list[int]
@@ -98,6 +101,7 @@ class EncodedSample:
     label_start: int
     label_codes: list[int]
     target: int
+    history_end: int = -1
 
 
 # ------------------------------------------------------------------------------ backbones
@@ -182,8 +186,9 @@ class SigmaModel(nn.Module):
         items._require_fitted()
         levels = items.num_levels + 1 if self.config.mode == "gr_sid" else items.prefix_len
         self.config.sid_levels = levels
-        if items.token_ids is None or len(items.token_ids["sid"]) != levels:
-            items.extend_tokenizer(tokenizer, levels=levels)
+        # Always through the tokenizer at hand (idempotent): ids recorded for another
+        # tokenizer (the item tokenizer reused for a second model) would be wrong here.
+        items.extend_tokenizer(tokenizer, levels=levels)
         if backbone.get_input_embeddings().weight.shape[0] < len(tokenizer):
             backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         hidden = backbone.config.hidden_size
@@ -260,6 +265,7 @@ class SigmaModel(nn.Module):
             if slot:
                 slots.append(len(ids) - 1)
                 items.append(item)
+        history_end = len(ids)
         ids += list(self._text_ids(after))
         label_start = len(ids)
         target = int(sample.target) if sample.target is not None else -1
@@ -273,7 +279,7 @@ class SigmaModel(nn.Module):
                 ids += self._item_sids[target]
             if self.config.mode != "gr_sid":
                 ids.append(self.query_token_id)
-        return EncodedSample(ids, slots, items, label_start, label_codes, target)
+        return EncodedSample(ids, slots, items, label_start, label_codes, target, history_end)
 
     def collate(self, encoded: list[EncodedSample], *, padding_side: str = "right") -> dict:
         """Pad a list of encoded samples into a batch of tensors (right padding for training,

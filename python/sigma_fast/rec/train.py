@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _threads
 from .._io import atomic_directory, atomic_write_json
 
 __all__ = ["TrainConfig", "train_sigma", "hit_rate"]
@@ -183,6 +184,7 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
     t0, seen = time.perf_counter(), 0
     try:
         while step < config.steps:
+            _threads.adapt()  # thread counts follow the free CPUs (shared cores)
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             picks = torch.randint(n, (config.batch_size * world,), generator=g)
             picks = picks[rank * config.batch_size:(rank + 1) * config.batch_size].tolist()

@@ -23,7 +23,7 @@ no host synchronisation.
    input error gets NaN scores and -1 everywhere instead.
 
 Every reduction has a fixed shape and order, so results are deterministic. Per-request status
-(code, beam) goes to an int32 [B, 2] tensor with the codes of ``cuda/beam_step_cuda.h``; the
+(code, beam) goes to an int32 [B, 2] tensor with the codes of ``csrc/beam_step.h``; the
 caller (``sigma_fast.beam_step``) decides whether to read it (a sync) and raise.
 
 Inputs are validated by ``sigma_fast.beam_step``: float32 logits with unit stride in the last
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Status codes (cuda/beam_step_cuda.h: BeamStepStatus).
+# Status codes (csrc/beam_step.h: BeamStepStatus).
 _OK, _EMPTY, _BAD_SCORE, _BAD_STATE, _BAD_LOGIT, _BAD_TRIE = (tl.constexpr(c) for c in range(6))
 
 

@@ -174,7 +174,7 @@ def _rq_encode_chunked_kernel(
 @triton.jit
 def _rq_decode_kernel(
     codes_ptr, stride_cn, stride_cl,
-    cb_ptr, out_ptr,
+    cb_ptr, out_ptr, stride_on,
     N, D, K, LEVELS,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -191,7 +191,7 @@ def _rq_decode_kernel(
         acc += tl.load(cb_level + code[:, None] * D + cols[None, :], mask=m, other=0.0)
         code_ptrs += stride_cl
         cb_level += K * D
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], acc, mask=m)
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], acc, mask=m)
 
 
 def _device_guard(t: torch.Tensor):
@@ -247,14 +247,17 @@ def rq_encode(x: torch.Tensor, codebooks: torch.Tensor):
     return codes, err
 
 
-def rq_decode(codes: torch.Tensor, codebooks: torch.Tensor, levels: int) -> torch.Tensor:
+def rq_decode(codes: torch.Tensor, codebooks: torch.Tensor, levels: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[n] = sum_{l < levels} codebooks[l, codes[n, l]]`` summed in level order in fp32.
 
-    codes int32 or int64 [N, L'] (strided allowed), values in [0, K); returns float32 [N, D].
+    codes int32 or int64 [N, L'] (strided allowed), values in [0, K); writes float32 [N, D]
+    into ``out`` (rows may be strided, each row contiguous) or a new tensor, and returns it.
     """
     n = codes.shape[0]
     k, d = codebooks.shape[1:]
-    out = torch.empty((n, d), dtype=torch.float32, device=codebooks.device)
+    if out is None:
+        out = torch.empty((n, d), dtype=torch.float32, device=codebooks.device)
     if n == 0:
         return out
     codebooks = codebooks.contiguous()
@@ -264,7 +267,8 @@ def rq_decode(codes: torch.Tensor, codebooks: torch.Tensor, levels: int) -> torc
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     with _device_guard(codebooks):
         _rq_decode_kernel[grid](
-            codes, codes.stride(0), codes.stride(1), codebooks, out, n, d, k, levels,
+            codes, codes.stride(0), codes.stride(1), codebooks, out,
+            out.stride(0) if n > 1 else d, n, d, k, levels,
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
         )
     return out

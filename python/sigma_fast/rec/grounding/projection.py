@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import _threads
 from ..._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
 from .losses import info_nce_loss, kd_loss
 
@@ -125,6 +126,7 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
                  else torch.multinomial(w, p, replacement=True, generator=gen))
         sums = {"loss": 0.0, "cl": 0.0, "kd": 0.0}
         for start in range(0, p, batch_size):
+            _threads.adapt()
             batch = pr_t[order[start:start + batch_size]]
             if len(batch) < 2:  # in-batch losses need a negative
                 continue

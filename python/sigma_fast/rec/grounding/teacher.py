@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import _threads
 from .views import as_index_array
 
 __all__ = ["train_bpr"]
@@ -46,6 +47,7 @@ def train_bpr(users, items, *, num_users: int | None = None, num_items: int | No
     for _ in range(epochs):
         perm = torch.randperm(m, generator=gen)
         for start in range(0, m, batch_size):
+            _threads.adapt()
             idx = perm[start:start + batch_size]
             u, i = u_t[idx], i_t[idx]
             j = torch.randint(ni, (len(idx),), generator=gen)
