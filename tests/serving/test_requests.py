@@ -24,6 +24,8 @@ ML100K = _catalogue(["Toy Story (1995)", "Usual Suspects, The (1995)", "Cape Fea
                     ["Toy Story", "Usual Suspects, The", "Cape Fear", "Cape Fear", "Heat"],
                     [1995, 1995, 1962, 1991, 1995])
 ML1M = _catalogue(["1", "2", "3"], ["Toy Story (1995)", "Jumanji (1995)", "Heat (1995)"])
+# a token_seq title field rendered as a list's text
+LISTED = _catalogue(["a", "b"], ["['Toy', 'Story', '(1995)']", "[not, a, list]"])
 
 
 @pytest.mark.parametrize("ref, want", [
@@ -41,6 +43,12 @@ def test_titles_and_ids_resolve(ref, want):
                                        ("Heat (1995)", 2), ("heat", 2)])
 def test_titles_with_the_year_inside(ref, want):
     assert ItemLookup(ML1M).resolve(ref) == want
+
+
+def test_titles_read_as_token_lists():
+    look = ItemLookup(LISTED)
+    assert look.resolve("Toy Story") == 0 and look.resolve("toy story (1995)") == 0
+    assert look.resolve("[not, a, list]") == 1
 
 
 def test_unknown_and_ambiguous_titles():

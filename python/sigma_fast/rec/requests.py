@@ -107,6 +107,21 @@ def _words(text: str) -> list[str]:
     return [w for w in re.findall(r"\w+", text) if len(w) > 1 and w not in _STOP]
 
 
+def _plain_title(title: str) -> str:
+    """A title as words: a ``token_seq`` title field read as a list's text (``"['Toy',
+    'Story']"``) is joined with spaces, so lookups work whichever way the reader rendered it."""
+    if title.startswith("[") and title.endswith("]"):
+        import ast
+
+        try:
+            parts = ast.literal_eval(title)
+        except (ValueError, SyntaxError):
+            return title
+        if isinstance(parts, list) and all(isinstance(x, str) for x in parts):
+            return " ".join(parts)
+    return title
+
+
 def _no_article(key: str) -> str:
     first, _, rest = key.partition(" ")
     return rest if first in ("the", "a", "an") and rest else key
@@ -130,6 +145,7 @@ class ItemLookup:
         self._bare_keys: dict[str, set[int]] = {}   # the same without a leading article
         years = np.asarray(ds.item_years).tolist()
         for k, (raw, title) in enumerate(zip(self.ids, self.titles)):
+            title = _plain_title(title)
             bare, year = _split_year(title)
             if year is None and years[k] > 0:
                 year = years[k]
@@ -139,7 +155,7 @@ class ItemLookup:
             for key in keys:
                 self._keys.setdefault(key, set()).add(k)
                 self._bare_keys.setdefault(_no_article(key), set()).add(k)
-        self._bare = sorted({_norm(_split_year(t)[0]) for t in self.titles})
+        self._bare = sorted({_norm(_split_year(_plain_title(t))[0]) for t in self.titles})
         # word, and a word's first three letters -> positions in self._bare
         self._by_word: dict[str, list[int]] = {}
         for pos, title in enumerate(self._bare):
