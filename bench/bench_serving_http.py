@@ -20,8 +20,10 @@ duplicate (asserted).
 
 Settings: ``SIGMA_FAST_BENCH_SERVE_RUN`` (a trained run directory to serve instead of building
 the tiny one; the tiny run is cached under ``$SIGMA_FAST_CACHE/bench``),
-``SIGMA_FAST_BENCH_SERVE_DEVICE`` (cpu, cuda), ``SIGMA_FAST_BENCH_SERVE_BATCH`` (B, default
-16), ``SIGMA_FAST_BENCH_SERVE_SECONDS`` (per load phase, default 10).
+``SIGMA_FAST_BENCH_SERVE_DEVICE`` (cpu, cuda), ``SIGMA_FAST_BENCH_SERVE_ENGINE=1`` (serve and
+measure the static-shape Engine instead of the eager Recommender),
+``SIGMA_FAST_BENCH_SERVE_BATCH`` (B, default 16), ``SIGMA_FAST_BENCH_SERVE_SECONDS`` (per load
+phase, default 10).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ RUN = os.environ.get("SIGMA_FAST_BENCH_SERVE_RUN")
 DEVICE = os.environ.get("SIGMA_FAST_BENCH_SERVE_DEVICE")
 BATCH = int(os.environ.get("SIGMA_FAST_BENCH_SERVE_BATCH", 16))
 SECONDS = float(os.environ.get("SIGMA_FAST_BENCH_SERVE_SECONDS", 10))
+ENGINE = os.environ.get("SIGMA_FAST_BENCH_SERVE_ENGINE", "0") not in ("", "0")
 WAIT_MS = 5.0
 TOP_N = 10
 TINY = {"grounding.encoder": '"hashed"', "grounding.epochs": "1", "grounding.id_epochs": "1",
@@ -91,6 +94,8 @@ def server(run_dir):
            "--max-queue", str(8 * BATCH), "--log-level", "warning"]
     if DEVICE:
         cmd += ["--device", DEVICE]
+    if ENGINE:
+        cmd.append("--engine")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -129,15 +134,15 @@ def _check(report):
 
 
 def _group():
-    return (f"HTTP serving, tiny SIGMA on ML-100K, max batch {BATCH}, max wait {WAIT_MS:g} ms, "
-            f"top {TOP_N}, {DEVICE or 'cpu'}")
+    return (f"HTTP serving, tiny SIGMA on ML-100K, {'Engine' if ENGINE else 'Recommender'}, "
+            f"max batch {BATCH}, max wait {WAIT_MS:g} ms, top {TOP_N}, {DEVICE or 'cpu'}")
 
 
 def _offline_rate(run_dir, url) -> float:
     if "offline" not in _CAPACITY:
         from sigma_fast.serving import load_served
 
-        served = load_served(run_dir, device=DEVICE, batch_size=BATCH)
+        served = load_served(run_dir, device=DEVICE, batch_size=BATCH, engine=ENGINE)
         bodies, _ = _requests(url, 8 * BATCH)
         items = [(served.requests.build(**{k: v for k, v in b.items() if k != "top_n"}),
                   b["top_n"]) for b in bodies]

@@ -330,3 +330,53 @@ def test_the_serve_command(tiny_run, tmp_path, capsys):
     assert res.returncode == 2 and "failed to load" in res.stderr, res.stderr
     assert main(["serve", "--run", str(tmp_path / "absent")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_the_engine_behind_the_server(tiny_run, capsys):
+    """The static-shape Engine as the backend: the same answers as `recommend --engine`, the
+    eager path's items, and a prompt longer than its buffers is a 413, not a failed batch."""
+    from sigma_fast.serving import load_backend
+
+    served = load_served(tiny_run, limits=LIMITS, batch_size=8, engine=True)
+    assert type(served.backend).__name__ == "Engine"
+    with BackgroundServer(create_app(served, max_batch=8, max_wait_ms=20)) as url:
+        for body in REQUESTS[:4]:
+            got = httpx.post(f"{url}/recommend", json=body, timeout=120).json()
+            args = ["recommend", "--run", str(tiny_run), "--json", "--engine",
+                    "--top-n", str(body.get("top_n", 10)),
+                    "--task", body.get("task", "JustForYou")]
+            args += ["--user", body["user"]] if "user" in body else ["--history",
+                                                                    *body["history"]]
+            if body.get("exclude_seen") is False:
+                args.append("--include-seen")
+            capsys.readouterr()
+            assert main(args) == 0
+            assert got == json.loads(capsys.readouterr().out)
+            eager = _cli(tiny_run, body, capsys)["items"]
+            assert [x["id"] for x in got["items"]] == [x["id"] for x in eager]
+            torch.testing.assert_close(torch.tensor([x["score"] for x in got["items"]]),
+                                       torch.tensor([x["score"] for x in eager]),
+                                       rtol=0, atol=1e-4)
+
+    small = load_served(tiny_run, limits=LIMITS,
+                        backend=load_backend(tiny_run, engine=True, max_prompt=60,
+                                             max_top_n=30, batch_size=4))
+    with BackgroundServer(create_app(small, max_batch=4, max_wait_ms=20)) as url:
+        r = httpx.post(f"{url}/recommend", json={"user": "u1", "instruction": "so " * 80})
+        assert r.status_code == 413 and "prompt has" in r.json()["error"]
+        assert httpx.post(f"{url}/recommend", json={"user": "u1"}).status_code == 200
+
+
+def test_a_failing_request_does_not_fail_its_batch(tiny_run):
+    def picky(samples, *, top_n):
+        if any("poison" in s.prompt for s in samples):
+            raise ValueError("this request cannot be served")
+        ids = torch.arange(top_n).repeat(len(samples), 1)
+        return Recommendations(ids, -ids.float())
+
+    served = load_served(tiny_run, backend=picky)
+    good = served.requests.build(user="u1", exclude_seen=False)
+    bad = served.requests.build(user="u1", instruction="poison")
+    out = served.answer([(good, 2), (bad, 2), (good, 3)])
+    assert [x["id"] for x in out[0]] == ["i0", "i1"] and len(out[2]) == 3
+    assert isinstance(out[1], ValueError)

@@ -200,3 +200,14 @@ def test_train_under_torchrun_reports_once(tiny_run, tmp_path):
     assert res.stdout.count("[train] sigma done") == 1, res.stdout
     assert res.stdout.count("[train] sigma:") == 1, res.stdout
     assert (run / "models" / "sigma" / "sigma_model.json").is_file()
+
+
+def test_the_engine_writes_the_same_items(tiny_run, single, tmp_path):
+    manifest = recommend_all(tiny_run, tmp_path / "engine", top_n=5, shard_users=16,
+                             batch_size=14, engine=True, progress=False)
+    assert read_shard_settings(tmp_path / "engine" / "part-00000-of-00004.parquet")[
+        "backend"] == "Engine"
+    one, eng = _read(single[0]).to_pydict(), _read(tmp_path / "engine").to_pydict()
+    assert manifest["rows"] == len(one["item_id"])
+    assert eng["item_id"] == one["item_id"] and eng["user_id"] == one["user_id"]
+    np.testing.assert_allclose(eng["score"], one["score"], rtol=0, atol=1e-4)

@@ -187,11 +187,20 @@ def _cmd_recommend(args) -> int:
     cfg = _cfg(args, need_run=True)
     if (args.user is None) == (not args.history):
         raise ValueError("give exactly one of --user ID or --history ITEM [ITEM ...]")
-    recs = pipeline.recommend_items(args.run, cfg, user=args.user, history=args.history,
-                                    task=args.task, instruction=args.instruction,
-                                    allowed=args.allowed, variant=args.variant,
-                                    top_n=args.top_n, exclude_seen=not args.include_seen,
-                                    device=args.device)
+    request = {"user": args.user, "history": args.history, "task": args.task,
+               "instruction": args.instruction, "allowed": args.allowed,
+               "exclude_seen": not args.include_seen}
+    if args.engine:
+        from ..serving import load_served
+
+        served = load_served(args.run, args.variant, args.device, engine=True)
+        top_n = served.requests.check_top_n(args.top_n)
+        recs = served.answer([(served.requests.build(**request), top_n)])[0]
+        if isinstance(recs, Exception):
+            raise recs
+    else:
+        recs = pipeline.recommend_items(args.run, cfg, variant=args.variant, top_n=args.top_n,
+                                        device=args.device, **request)
     if args.json:
         print(json.dumps({"items": recs}))
         return 0
@@ -217,7 +226,7 @@ def _cmd_serve(args) -> int:
     return serve(args.run, variant=args.variant, device=args.device, host=args.host,
                  port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                  max_queue=args.max_queue, max_connections=args.max_connections,
-                 limits=_limits(args), log_level=args.log_level)
+                 limits=_limits(args), engine=args.engine, log_level=args.log_level)
 
 
 def _cmd_recommend_all(args) -> int:
@@ -228,7 +237,8 @@ def _cmd_recommend_all(args) -> int:
     recommend_all(args.run, args.out, variant=args.variant, tasks=args.tasks,
                   top_n=args.top_n, split=args.split, shard_users=args.shard_users,
                   batch_size=args.batch_size, device=args.device,
-                  exclude_seen=not args.include_seen, progress=_progress(args))
+                  exclude_seen=not args.include_seen, engine=args.engine,
+                  progress=_progress(args))
     return 0
 
 
@@ -352,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     c.add_argument("--json", action="store_true",
                    help='print {"items": [{"id", "title", "score"}, ...]} as the server does')
+    c.add_argument("--engine", action="store_true",
+                   help="generate with the static-shape serving Engine (default: the eager "
+                        "Recommender)")
 
     from ..rec.data.tasks import TASKS
 
@@ -360,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_arg(sv)
     sv.add_argument("--variant", default="sigma", choices=VARIANTS)
     sv.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    sv.add_argument("--engine", action="store_true",
+                    help="serve with the static-shape Engine (preallocated buffers, per-user "
+                         "prefix reuse, CUDA graphs) instead of the eager Recommender")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--max-batch", type=int, default=16,
@@ -397,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu (default) or cuda (under torchrun: each rank its LOCAL_RANK GPU)")
     ra.add_argument("--include-seen", action="store_true",
                     help="allow the user's own items in the results (default: excluded)")
+    ra.add_argument("--engine", action="store_true",
+                    help="generate with the static-shape Engine (a user's history computed "
+                         "once for all of the user's tasks) instead of the eager Recommender")
     ra.add_argument("--quiet", action="store_true", help="no progress bar")
     ra.set_defaults(func=_cmd_recommend_all)
 

@@ -1,10 +1,11 @@
 """The model object the front ends call, and the run it serves.
 
 A *backend* is any object with ``__call__(samples: list[TaskSample], *, top_n: int) ->
-Recommendations`` (item indices best first, padding -1): today the eager
-:class:`sigma_fast.rec.generate.Recommender`. The HTTP server and the batch-offline job only use
-that call, so a faster engine with the same signature drops in behind :func:`load_backend`
-(``factory=``) or is handed to them directly.
+Recommendations`` (item indices best first, padding -1): the eager
+:class:`sigma_fast.rec.generate.Recommender` (the default) or the static-shape
+:class:`sigma_fast.serving.Engine` (``engine=True``). The HTTP server and the batch-offline job
+only use that call, so any other object with it can be handed to them (``backend=``) or built
+by :func:`load_backend` (``factory=``).
 
 >>> served = load_served("runs/demo", variant="sigma")      # run config, dataset, requests, backend
 >>> out = served.backend([served.requests.build(user="100k_196")], top_n=10)
@@ -36,22 +37,33 @@ def run_settings(run_dir) -> dict:
 
 
 def load_backend(run_dir, variant: str = "sigma", device=None, *, cfg: dict | None = None,
-                 batch_size: int = 32, factory: Callable | None = None) -> Backend:
+                 batch_size: int = 32, engine: bool = False, max_top_n: int = 100,
+                 max_prompt: int = 512, factory: Callable | None = None) -> Backend:
     """The backend serving ``variant`` of a trained run on ``device`` (default CPU).
 
-    ``factory(model, *, num_beams, top_m, adaptive, batch_size)`` builds it from the loaded
-    ``SigmaModel`` (default: the eager ``Recommender``); num_beams / top_m come from the run's
-    ``eval`` settings and APF is on except for the ``no_apf`` variant, as in ``evaluate`` and
-    ``recommend``. ``batch_size`` is the most requests per forward pass.
+    Default: the eager ``Recommender``, with the run's ``eval`` num_beams / top_m and APF on
+    except for the ``no_apf`` variant, as ``evaluate`` and ``recommend`` use it. ``engine``:
+    the static-shape :class:`~sigma_fast.serving.Engine` with the same options, sized for
+    ``batch_size`` requests per run, answers of up to ``max_top_n`` items and prompts of up to
+    ``max_prompt`` tokens (its buffers are allocated once). ``factory(model, *, num_beams,
+    top_m, adaptive, batch_size)`` builds any other backend from the loaded ``SigmaModel``.
     """
     from ..rec.generate import Recommender
     from ..rec.pipeline import load_variant
 
+    if engine and factory is not None:
+        raise ValueError("give engine=True or a factory, not both")
     cfg = cfg if cfg is not None else run_settings(run_dir)
     model = load_variant(run_dir, variant, device)
+    options = {"num_beams": cfg["eval"]["num_beams"], "top_m": cfg["eval"]["top_m"],
+               "adaptive": variant != "no_apf"}
+    if engine:
+        from .engine import Engine
+
+        return Engine(model, device=device, top_n=max_top_n, max_batch=batch_size,
+                      max_prompt=max_prompt, **options)
     make = factory if factory is not None else Recommender
-    return make(model, num_beams=cfg["eval"]["num_beams"], top_m=cfg["eval"]["top_m"],
-                adaptive=variant != "no_apf", batch_size=batch_size)
+    return make(model, batch_size=batch_size, **options)
 
 
 @dataclass
@@ -79,6 +91,20 @@ class Served:
         return [{"id": ds.item_ids[i], "title": ds.item_titles[i], "score": float(s)}
                 for i, s in zip(ids, scores) if i >= 0]
 
+    def check(self, sample) -> None:
+        """Reject a request the backend cannot take before it reaches a batch: a prompt longer
+        than a backend's declared ``max_prompt`` (the engine's buffers) is too large (413)."""
+        limit = getattr(self.backend, "max_prompt", None)
+        model = getattr(self.backend, "model", None)
+        if limit is None or model is None:
+            return
+        n = len(model.encode(sample, with_label=False).input_ids)
+        if n > limit:
+            from ..rec.requests import RequestTooLarge
+
+            raise RequestTooLarge(f"the request's prompt has {n} tokens; this server takes at "
+                                  f"most {limit} (a shorter history or instruction)")
+
     def answer(self, requests: list) -> list:
         """The batch function of the server: ``[(TaskSample, top_n), ...]`` → one list of
         item dicts per request (or the exception that failed its group).
@@ -101,17 +127,24 @@ class Served:
                 out = self.backend([requests[r][0] for r in rows], top_n=top_n)
                 for k, r in enumerate(rows):
                     answers[r] = self.items_of(out, k, requests[r][1])
-            except Exception as exc:  # noqa: BLE001 - fails this group's requests only
-                for r in rows:
-                    answers[r] = exc
+            except Exception as exc:  # noqa: BLE001 - isolate the request that failed
+                if len(rows) == 1:
+                    answers[rows[0]] = exc
+                    continue
+                for r in rows:  # one by one: a bad request must not fail its batch-mates
+                    try:
+                        out = self.backend([requests[r][0]], top_n=requests[r][1])
+                        answers[r] = self.items_of(out, 0, requests[r][1])
+                    except Exception as one:  # noqa: BLE001
+                        answers[r] = one
         return answers
 
 
 def load_served(run_dir, variant: str = "sigma", device=None, *, split: str = "test",
                 limits=None, batch_size: int = 32, backend: Backend | None = None,
-                factory: Callable | None = None) -> Served:
+                engine: bool = False, factory: Callable | None = None) -> Served:
     """Load a run for serving: config, dataset, :class:`RequestBuilder` and a backend (the
-    given one, else :func:`load_backend`)."""
+    given one, else :func:`load_backend`; ``engine`` sizes the engine for ``limits``)."""
     from ..rec.pipeline import VARIANTS, request_builder
 
     if variant not in VARIANTS:
@@ -121,7 +154,7 @@ def load_served(run_dir, variant: str = "sigma", device=None, *, split: str = "t
     rb = request_builder(cfg, split=split, limits=limits)
     if backend is None:
         backend = load_backend(run_dir, variant, device, cfg=cfg, batch_size=batch_size,
-                               factory=factory)
+                               engine=engine, max_top_n=rb.limits.max_top_n, factory=factory)
     num_items = getattr(getattr(backend, "model", None), "num_items", None)
     if num_items is not None and num_items != rb.ds.num_items:
         raise ValueError(f"the {variant} model of {run_dir} knows {num_items} items but the "

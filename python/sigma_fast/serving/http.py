@@ -219,6 +219,7 @@ def create_app(load, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue
             sample = rb.build(user=req.user, history=req.history, task=req.task,
                               instruction=req.instruction, allowed=req.allowed,
                               exclude_seen=req.exclude_seen)
+            state.served.check(sample)
         except RequestError as exc:
             raise _HTTPError(exc.status, str(exc)) from None
         try:
@@ -288,7 +289,7 @@ def _info(served, max_body_bytes: int) -> dict:
 def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 16, max_wait_ms: float = 5.0,
           max_queue: int = 256, max_connections: int = 1024, limits=None,
-          log_level: str = "info") -> int:
+          engine: bool = False, log_level: str = "info") -> int:
     """Serve a trained run until interrupted (SIGINT / SIGTERM drain the queue first).
     The port opens at once; the model loads in the background (``/health`` 503 until then);
     a failed load stops the server and returns 2. Beyond ``max_connections`` open
@@ -309,9 +310,11 @@ def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.
             server_box[0].should_exit = True
 
     def load():
-        served = load_served(run_dir, variant, device, limits=limits, batch_size=max_batch)
-        print(f"[serve] {variant} of {run_dir} ready on http://{host}:{port} (max batch "
-              f"{max_batch}, max wait {max_wait_ms} ms, queue {max_queue})", flush=True)
+        served = load_served(run_dir, variant, device, limits=limits, batch_size=max_batch,
+                             engine=engine)
+        print(f"[serve] {variant} of {run_dir} ready on http://{host}:{port} "
+              f"({type(served.backend).__name__}, max batch {max_batch}, max wait "
+              f"{max_wait_ms} ms, queue {max_queue})", flush=True)
         return served
 
     app = create_app(load, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,

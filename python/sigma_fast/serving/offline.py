@@ -118,14 +118,14 @@ def _say(group: _Group, msg: str) -> None:
 
 def recommend_all(run_dir, out_dir, *, variant: str = "sigma", tasks=None, top_n: int = 20,
                   split: str = "test", shard_users: int = 256, batch_size: int = 32,
-                  device=None, exclude_seen: bool = True, backend=None,
-                  progress: bool | None = None) -> dict:
+                  device=None, exclude_seen: bool = True, engine: bool = False,
+                  backend=None, progress: bool | None = None) -> dict:
     """Write the top ``top_n`` of every user × task of a trained run to ``out_dir`` (see the
     module docstring); returns the manifest.
 
     ``batch_size``: requests per backend call (whole users; a user's tasks never split);
     ``backend``: a ready backend (default: :func:`~sigma_fast.serving.load_backend` of
-    ``variant`` on ``device``)."""
+    ``variant`` on ``device``: the eager ``Recommender``, or with ``engine`` the ``Engine``)."""
     from ..rec.data.tasks import TASKS
     from ..rec.pipeline import VARIANTS, request_builder
     from ..rec.requests import RequestError
@@ -170,7 +170,8 @@ def recommend_all(run_dir, out_dir, *, variant: str = "sigma", tasks=None, top_n
                     f"{n_shards} shards of {shard_users} users over {group.world} process(es); "
                     f"{len(mine) - len(todo)} of this rank's {len(mine)} shards already done")
         if todo and backend is None:
-            backend = load_backend(run_dir, variant, dev, cfg=cfg, batch_size=batch_size)
+            backend = load_backend(run_dir, variant, dev, cfg=cfg, batch_size=batch_size,
+                                   engine=engine, max_top_n=top_n)
         from tqdm.auto import tqdm
 
         show = group.rank == 0 and (progress if progress is not None else None)
@@ -186,7 +187,7 @@ def recommend_all(run_dir, out_dir, *, variant: str = "sigma", tasks=None, top_n
                 table, stats = _compute_shard(rb, backend, part, tasks, top_n, batch_size,
                                               exclude_seen, RequestError, pa, bar)
                 meta = {**settings, "shard": s, "num_shards": n_shards,
-                        "batch_size": batch_size, **stats}
+                        "batch_size": batch_size, "backend": type(backend).__name__, **stats}
                 table = table.replace_schema_metadata({_META_KEY: json.dumps(meta)})
                 buf = io.BytesIO()
                 pq.write_table(table, buf)
@@ -227,7 +228,7 @@ def _shard_path(out_dir: Path, s: int, n: int) -> Path:
 
 def _comparable(settings: dict) -> dict:
     return {k: v for k, v in settings.items()
-            if k not in ("shard", "num_shards", "batch_size", "rows", "requests",
+            if k not in ("shard", "num_shards", "batch_size", "backend", "rows", "requests",
                          "not_applicable", "nothing_left")}
 
 
