@@ -33,7 +33,9 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    # one pinned thread per process, as the in-process run (exact equality needs the same
+    # thread count: torch's reductions are split by it)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIGMA_FAST_NUM_THREADS": "1", **extra}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in extra:
             env.pop(key, None)

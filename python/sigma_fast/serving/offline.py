@@ -14,7 +14,8 @@ Users are cut, in dataset order, into shards of ``shard_users``; shard ``s`` is
 best; raw ids as in the atomic files), rows ordered by user, task (``TASKS`` order), rank. Every
 batch holds whole users (all of a user's tasks together, so an engine can reuse the user's
 history across them), and batches are formed inside a shard, so the results do not depend on
-how many processes ran.
+how many processes ran (bit for bit when every process computes with the same pinned thread
+count: ``OMP_NUM_THREADS=1 SIGMA_FAST_NUM_THREADS=1``).
 
 Under ``torchrun --nproc-per-node P`` rank r computes shards r, r + P, …; the process group is
 gloo on CPU and NCCL on GPU (``device="cuda"`` puts rank r on ``cuda:LOCAL_RANK``). Shards are
