@@ -130,7 +130,9 @@ def create_app(load, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue
 
     def load_in_background():
         try:
-            ready(load())
+            served = load()
+            if state.phase == "loading":  # not when the server stopped meanwhile
+                ready(served)
         except BaseException as exc:  # noqa: BLE001 - reported by /health and the callback
             state.phase, state.error = "failed", f"{type(exc).__name__}: {exc}"
             if on_load_error is not None:
