@@ -209,6 +209,18 @@ def _cmd_recommend(args) -> int:
     return 0
 
 
+def _backend_args(p) -> None:
+    """--engine (default) / --eager: which generation backend a command uses."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--engine", dest="engine", action="store_true", default=True,
+                   help="generate with the static-shape serving Engine: preallocated buffers, a "
+                        "user's history computed once for all of the user's tasks, CUDA graphs "
+                        "on a GPU (default)")
+    g.add_argument("--eager", dest="engine", action="store_false",
+                   help="generate with the eager Recommender instead (the same items; scores "
+                        "equal up to float rounding)")
+
+
 def _limits(args):
     from ..rec.requests import RequestLimits
 
@@ -362,9 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     c.add_argument("--json", action="store_true",
                    help='print {"items": [{"id", "title", "score"}, ...]} as the server does')
-    c.add_argument("--engine", action="store_true",
-                   help="generate with the static-shape serving Engine (default: the eager "
-                        "Recommender)")
+    _backend_args(c)
 
     from ..rec.data.tasks import TASKS
 
@@ -373,9 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_arg(sv)
     sv.add_argument("--variant", default="sigma", choices=VARIANTS)
     sv.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
-    sv.add_argument("--engine", action="store_true",
-                    help="serve with the static-shape Engine (preallocated buffers, per-user "
-                         "prefix reuse, CUDA graphs) instead of the eager Recommender")
+    _backend_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--max-batch", type=int, default=16,
@@ -413,9 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu (default) or cuda (under torchrun: each rank its LOCAL_RANK GPU)")
     ra.add_argument("--include-seen", action="store_true",
                     help="allow the user's own items in the results (default: excluded)")
-    ra.add_argument("--engine", action="store_true",
-                    help="generate with the static-shape Engine (a user's history computed "
-                         "once for all of the user's tasks) instead of the eager Recommender")
+    _backend_args(ra)
     ra.add_argument("--quiet", action="store_true", help="no progress bar")
     ra.set_defaults(func=_cmd_recommend_all)
 

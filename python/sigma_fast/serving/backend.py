@@ -37,22 +37,23 @@ def run_settings(run_dir) -> dict:
 
 
 def load_backend(run_dir, variant: str = "sigma", device=None, *, cfg: dict | None = None,
-                 batch_size: int = 32, engine: bool = False, max_top_n: int = 100,
+                 batch_size: int = 32, engine: bool = True, max_top_n: int = 100,
                  max_prompt: int = 512, factory: Callable | None = None) -> Backend:
     """The backend serving ``variant`` of a trained run on ``device`` (default CPU).
 
-    Default: the eager ``Recommender``, with the run's ``eval`` num_beams / top_m and APF on
-    except for the ``no_apf`` variant, as ``evaluate`` and ``recommend`` use it. ``engine``:
-    the static-shape :class:`~sigma_fast.serving.Engine` with the same options, sized for
+    Default (``engine=True``): the static-shape :class:`~sigma_fast.serving.Engine` with the
+    run's ``eval`` num_beams / top_m and APF on except for the ``no_apf`` variant, sized for
     ``batch_size`` requests per run, answers of up to ``max_top_n`` items and prompts of up to
-    ``max_prompt`` tokens (its buffers are allocated once). ``factory(model, *, num_beams,
+    ``max_prompt`` tokens (its buffers are allocated once). ``engine=False``: the eager
+    ``Recommender`` with the same options (the same items; scores equal up to float
+    rounding), as ``evaluate`` uses it. ``factory(model, *, num_beams,
     top_m, adaptive, batch_size)`` builds any other backend from the loaded ``SigmaModel``.
     """
     from ..rec.generate import Recommender
     from ..rec.pipeline import load_variant
 
-    if engine and factory is not None:
-        raise ValueError("give engine=True or a factory, not both")
+    if factory is not None:
+        engine = False
     cfg = cfg if cfg is not None else run_settings(run_dir)
     model = load_variant(run_dir, variant, device)
     options = {"num_beams": cfg["eval"]["num_beams"], "top_m": cfg["eval"]["top_m"],
@@ -142,7 +143,7 @@ class Served:
 
 def load_served(run_dir, variant: str = "sigma", device=None, *, split: str = "test",
                 limits=None, batch_size: int = 32, backend: Backend | None = None,
-                engine: bool = False, factory: Callable | None = None) -> Served:
+                engine: bool = True, factory: Callable | None = None) -> Served:
     """Load a run for serving: config, dataset, :class:`RequestBuilder` and a backend (the
     given one, else :func:`load_backend`; ``engine`` sizes the engine for ``limits``)."""
     from ..rec.pipeline import VARIANTS, request_builder

@@ -119,7 +119,7 @@ def _say(group: _Group, msg: str) -> None:
 
 def recommend_all(run_dir, out_dir, *, variant: str = "sigma", tasks=None, top_n: int = 20,
                   split: str = "test", shard_users: int = 256, batch_size: int = 32,
-                  device=None, exclude_seen: bool = True, engine: bool = False,
+                  device=None, exclude_seen: bool = True, engine: bool = True,
                   backend=None, progress: bool | None = None) -> dict:
     """Write the top ``top_n`` of every user × task of a trained run to ``out_dir`` (see the
     module docstring); returns the manifest.
