@@ -14,7 +14,7 @@ from sigma_fast import _compat
 
 @pytest.mark.parametrize("version, expected", [
     ("2.5.0", (2, 5, 0)), ("2.13.0+cpu", (2, 13, 0)), ("2.6.0a0+git1a2b3c", (2, 6, 0)),
-    ("2.7.0.dev20250101", (2, 7, 0, 20250101)), ("5.0", (5, 0)), ("v4.57.1", (4, 57, 1)),
+    ("2.7.0.dev20250101", (2, 7, 0)), ("5.0", (5, 0)), ("v4.57.1", (4, 57, 1)),
 ])
 def test_version_tuple(version, expected):
     assert _compat.version_tuple(version) == expected

@@ -2,7 +2,7 @@
 
 Arrays are NumPy arrays of exactly the dtype named (the bindings check dtype, rank, shape,
 contiguity and writability and raise ValueError otherwise); outputs are caller-allocated and
-written in place. tests/ops/test_stubs.py checks these signatures against the compiled module.
+written in place. tests/test_stubs.py checks these signatures against the compiled module.
 """
 
 from typing import Any

@@ -2,7 +2,7 @@
 
 Torch-free: device pointers (``tensor.data_ptr()``) and the stream (``stream.cuda_stream``) are
 passed as ints; a pointer argument may be 0 where the docstring says so. Every launch is
-asynchronous on ``stream``. tests/ops/test_stubs.py checks these signatures against the
+asynchronous on ``stream``. tests/test_stubs.py checks these signatures against the
 compiled module wherever it imports.
 """
 
