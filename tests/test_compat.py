@@ -46,15 +46,15 @@ def test_import_checks_torch(monkeypatch):
         importlib.reload(sigma_fast)
 
 
-@pytest.mark.parametrize("found", ["4.57.1", "4.44.0"])
+@pytest.mark.parametrize("found", ["5.1.0", "5.0.0", "4.57.1"])
 def test_old_transformers_is_named(found):
     with pytest.raises(ImportError) as info:
         _compat.check_transformers(found)
-    assert str(info.value) == (f"sigma_fast needs transformers >= 5.0 (transformers."
-                               f"masking_utils.create_bidirectional_mask); found {found}")
+    assert str(info.value) == (f"sigma_fast needs transformers >= 5.2 (masking_utils."
+                               f"create_bidirectional_mask(inputs_embeds=...)); found {found}")
 
 
-@pytest.mark.parametrize("found", ["5.0.0", "5.25.0", "6.0.0.dev0"])
+@pytest.mark.parametrize("found", ["5.2.0", "5.25.0", "6.0.0.dev0"])
 def test_supported_transformers_passes(found):
     _compat.check_transformers(found)
 
@@ -77,8 +77,8 @@ def test_transformers_checked_where_first_used(monkeypatch):
     installed transformers when it is imported, without importing transformers."""
     import sigma_fast._hf as hf
 
-    _fake_installed(monkeypatch, {"transformers": "4.57.1"})
-    with pytest.raises(ImportError, match=r"needs transformers >= 5\.0 .*; found 4\.57\.1"):
+    _fake_installed(monkeypatch, {"transformers": "5.1.0"})
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.2 .*; found 5\.1\.0"):
         importlib.reload(hf)
 
 
@@ -87,7 +87,7 @@ def test_missing_transformers_is_not_an_import_error(monkeypatch):
 
     _fake_installed(monkeypatch, {"transformers": None})
     importlib.reload(hf)
-    _fake_installed(monkeypatch, {"transformers": "5.0.0"})
+    _fake_installed(monkeypatch, {"transformers": "5.2.0"})
     importlib.reload(hf)
 
 

@@ -5,7 +5,8 @@ that an old install fails with the version it needs rather than an error deep in
   schema torch infers from the op's annotations, which are strings in our modules
   (``from __future__ import annotations``); torch 2.4 rejects those, 2.5 evaluates them.
 - transformers, when ``sigma_fast._hf`` is imported (every module that drives a transformers
-  model goes through it): ``masking_utils.create_bidirectional_mask`` first shipped in 5.0.
+  model goes through it): ``masking_utils.create_bidirectional_mask`` first shipped in 5.0, and
+  takes the embeddings as ``inputs_embeds`` (the keyword the grounding tower passes) from 5.2.
   Read from the installed metadata, so the check does not import transformers.
 
 These floors match ``pyproject.toml`` (``dependencies`` and the ``model`` / ``test`` extras).
@@ -18,8 +19,8 @@ import re
 
 TORCH_MIN = (2, 5)
 TORCH_NEEDS = "torch.library.custom_op with string annotations"
-TRANSFORMERS_MIN = (5, 0)
-TRANSFORMERS_NEEDS = "transformers.masking_utils.create_bidirectional_mask"
+TRANSFORMERS_MIN = (5, 2)
+TRANSFORMERS_NEEDS = "masking_utils.create_bidirectional_mask(inputs_embeds=...)"
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
