@@ -86,7 +86,7 @@ def _module_or_skip(name):
     if name == "_core":
         assert sigma_fast.backends()["cpu"], sigma_fast.backends()["cpu"].reason
         return importlib.import_module("sigma_fast._core")
-    if sigma_fast.build_info().get("cuda") != "ON":
+    if sigma_fast.build_info().get("cuda") not in ("ON", "TRUE", "1", "YES"):
         pytest.skip("the CUDA extension was not built in this installation")
     try:
         return importlib.import_module("sigma_fast._cuda")
