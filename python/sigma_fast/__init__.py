@@ -15,15 +15,19 @@ hybrid tokenization, model, SFT, three-step generation, evaluation, the pipeline
 ``sigma-fast`` command line).
 """
 
-from ._backends import BackendStatus, backends, build_info
-from ._version import __version__
-from .apf import apf_fuse
-from .beam_step import BeamStep, constrained_beam_step
-from .item_index import ItemIndex
-from .quantizer import ResidualQuantizer
-from .rq import dedup_codes, rq_decode, rq_encode
-from .sid_vocab import SIDVocab
-from .trie import PrefixTrie
+from ._compat import check_torch as _check_torch
+
+_check_torch()  # names the torch version needed before the op modules register custom ops
+
+from ._backends import BackendStatus, backends, build_info  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .apf import apf_fuse  # noqa: E402
+from .beam_step import BeamStep, constrained_beam_step  # noqa: E402
+from .item_index import ItemIndex  # noqa: E402
+from .quantizer import ResidualQuantizer  # noqa: E402
+from .rq import dedup_codes, rq_decode, rq_encode  # noqa: E402
+from .sid_vocab import SIDVocab  # noqa: E402
+from .trie import PrefixTrie  # noqa: E402
 
 
 def set_num_threads(n: int) -> None:

@@ -9,6 +9,9 @@ it. Callers ask this module instead of spelling a keyword or an attribute themse
 - the keyword arguments of ``create_causal_mask`` (renamed between versions);
 - reading models offline (``HF_HUB_OFFLINE``) and without per-file progress bars;
 - the dtype keyword of ``from_pretrained`` (``dtype``, formerly ``torch_dtype``).
+
+Importing this module checks the installed transformers against the oldest version sigma_fast
+supports (``_compat.TRANSFORMERS_MIN``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import inspect
 import os
 
 import torch
+
+from ._compat import check_transformers
+
+check_transformers()  # from the installed metadata: transformers itself is not imported here
 
 __all__ = ["cache_kwarg", "causal_mask_kwargs", "forward_params", "from_pretrained_kwargs",
            "offline", "output_cache", "position_ids", "quiet"]
