@@ -64,7 +64,7 @@ run_sanitized() {
     PYTHONPATH=build/asan-pkg SIGMA_FAST_TEST_BACKENDS=cpu,reference "$@"
 }
 run_sanitized python -c "import sigma_fast._core as c; assert c.sanitized, 'core is not the sanitized build'; print('sanitized core:', c.__file__)"
-# torch.compile is left out here: it only exercises the fake kernels, not C++; so are the
-# end-to-end training runs (marked e2e), whose ops are covered by their own tests.
-run_sanitized python -m pytest -q -p no:cacheprovider tests -k "not torch_compile" -m "not e2e"
+# The ops tests reach every C++ entry point; the application and serving layers reach C++ only
+# through these ops. torch.compile is left out: it exercises the fake kernels, not C++.
+run_sanitized python -m pytest -q -p no:cacheprovider tests/ops -k "not torch_compile"
 step "done"

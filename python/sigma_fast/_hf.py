@@ -68,9 +68,10 @@ def causal_mask_kwargs(fn, *, config, embeds, attention_mask, position_ids) -> d
     params = inspect.signature(fn).parameters
     kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values"):  # the current name only (the old one warns)
         if name in params:
             kwargs[name] = None
+            break
     if "cache_position" in params:
         kwargs["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
     return kwargs
