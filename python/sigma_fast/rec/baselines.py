@@ -244,7 +244,10 @@ class SASRec(nn.Module):
         bar = tqdm(total=epochs * steps, desc="SASRec", unit="step", leave=False,
                    disable=(not progress) if progress is not None else None)
         best, best_state = -1.0, None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        from .determinism import deterministic
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                deterministic(device):
             torch.manual_seed(seed)  # dropout
             for epoch in range(epochs):
                 self.train()

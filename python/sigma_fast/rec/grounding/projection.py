@@ -109,8 +109,11 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
     items are embedded once by ``encode(idx) -> v_text [len(idx), dim]`` and the loss is
     ``L_CL(v_a, v_b) + lam * L_KD``. An epoch visits ``pairs_per_epoch`` pairs (default: P),
     drawn in proportion to ``w`` with replacement, or without weights the first ones of a seeded
-    permutation. Per-epoch mean losses go to ``history``."""
+    permutation. Per-epoch mean losses go to ``history``. Runs under
+    :func:`~sigma_fast.rec.determinism.deterministic` (bit-reproducible for a seed)."""
     from tqdm.auto import tqdm
+
+    from ..determinism import deterministic
 
     ids = ids.to(device) if ids is not None else None
     total = len(pr_t)
@@ -120,6 +123,16 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
                disable=(not progress) if progress is not None else None)
     for m in modules:
         m.train()
+    with deterministic(device):
+        _fit_epochs(encode, optimizer, pr_t, ids, total, p, epochs, batch_size, tau, lam, gen,
+                    history, device, w, bar)
+    bar.close()
+    for m in modules:
+        m.eval()
+
+
+def _fit_epochs(encode, optimizer, pr_t, ids, total, p, epochs, batch_size, tau, lam, gen,
+                history, device, w, bar):
     for epoch in range(len(history), len(history) + epochs):
         order = (torch.randperm(total, generator=gen)[:p] if w is None
                  else torch.multinomial(w, p, replacement=True, generator=gen))
@@ -148,9 +161,6 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         history.append({"epoch": epoch, **sums})
-    bar.close()
-    for m in modules:
-        m.eval()
 
 
 def train_grounding(features, pairs, id_embeddings=None, *, weights=None, dim: int = 64,
