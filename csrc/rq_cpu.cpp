@@ -312,6 +312,17 @@ void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const floa
                    RqStrategy strategy) {
   check_rq_encode_sizes(n, d, levels, k, beam_width);
   check_rq_encode_stride(ldx, d);
+  // A beam wider than k^levels keeps every partial code at every level, so it gives the same
+  // codes as beam k^levels: clamp it (without overflow) before it sizes any buffer.
+  int64_t widest = 1;
+  for (int64_t l = 0; l < levels && widest < beam_width; ++l)
+    widest = widest > beam_width / k ? beam_width : std::min(beam_width, widest * k);
+  beam_width = widest;
+  // Candidates of one vector are numbered b * k + j in 32 bits (TopBeams::cand).
+  if (beam_width > std::numeric_limits<int32_t>::max() / k)
+    throw std::invalid_argument("rq_encode: beam_width * k = " + std::to_string(beam_width) +
+                                " * " + std::to_string(k) +
+                                " candidates per vector exceed 2^31 - 1");
   if (n == 0) return;
   const bool cross = beam_width > 1 && levels > 1 &&
                      (strategy == RqStrategy::kCross ||

@@ -26,12 +26,19 @@ from .sid_vocab import SIDVocab
 from .trie import PrefixTrie
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by the C++ backend (0 = all hardware threads; default, or the
-    SIGMA_FAST_NUM_THREADS environment variable)."""
-    from ._backends import require_backend
+MAX_THREADS = 1024  # the C++ pool starts one OS thread per worker
 
-    require_backend("cpu").set_num_threads(int(n))
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the C++ backend: an int in [0, 1024] (0 = all hardware threads; default,
+    or the SIGMA_FAST_NUM_THREADS environment variable)."""
+    from ._backends import require_backend
+    from ._checks import check_int
+
+    n = check_int(n, "n (the number of threads)", 0)
+    if n > MAX_THREADS:
+        raise ValueError(f"n (the number of threads) must be <= {MAX_THREADS}; got {n}")
+    require_backend("cpu").set_num_threads(n)
 
 
 def get_num_threads() -> int:

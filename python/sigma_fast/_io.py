@@ -113,7 +113,7 @@ def check_sha256(path: Path, data: bytes | None, expected: str, config_path: Pat
     data = path.read_bytes() if data is None else data
     digest = sha256_bytes(data)
     if digest != expected:
-        raise ValueError(f"{path}: SHA-256 {digest[:12]}... does not match the "
+        raise ValueError(f"{path}: checksum mismatch: SHA-256 {digest[:12]}... does not match the "
                          f"{expected[:12]}... recorded in {config_path.name}: the file is "
                          f"corrupt, edited, or from another save")
     return data
