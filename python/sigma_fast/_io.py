@@ -289,6 +289,28 @@ def read_artifact_config(directory: str | os.PathLike, config_file: str, fmt: st
     return directory, path, config
 
 
+def recorded_digests(config: dict, path: Path, files: list[str], *, since: int,
+                     field: str = "files_sha256") -> dict[str, str | None]:
+    """``{file: SHA-256}`` of the files an artifact's config ``path`` names (relative paths,
+    field ``field``: an object of digests), required from format version ``since``. An older
+    save has no checksums: every file maps to None, with a warning that it cannot be verified.
+    """
+    import warnings
+
+    if field not in config:
+        if config["format_version"] >= since:
+            raise ValueError(f"{path}: missing field {field!r} (the SHA-256 of {files}, "
+                             f"required from format_version {since})")
+        warnings.warn(f"{path} has format_version {config['format_version']}, which records no "
+                      f"checksums: {files} cannot be verified; save it again to add them",
+                      UserWarning, stacklevel=3)
+        return {f: None for f in files}
+    digests = check_field(config[field], Field("dict"), str(path), field)
+    for f in files:
+        check_field(digests.get(f), Field("sha256"), str(path), f"{field}[{f!r}]")
+    return {f: digests[f] for f in files}
+
+
 def package_folder(package: str, sub: str, what: str) -> Path:
     """``sub`` inside the installed package ``package`` (found without importing it), for assets
     such as datasets and model files that ship in registry packages. A missing package raises

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from .._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, load_npy
 
 __all__ = ["DEFAULTS", "VARIANTS", "BASELINES", "load_config", "write_config", "prepare",
            "ground", "tokenize", "train", "evaluate", "recommend_for", "demo"]
@@ -269,11 +269,11 @@ def tokenize(run_dir, cfg: dict, variants=None) -> dict:
     gdir = _require(run_dir / "grounding" / "grounded.npy", "ground").parent
     tk = cfg["tokenizer"]
     names = sorted({_tokenizer_name(v) for v in (variants or cfg["train"]["variants"])})
-    id_emb = np.load(gdir / "id_embeddings.npy")
+    id_emb = load_npy(gdir / "id_embeddings.npy")
     reports = {}
     for name in names:
         source = "text_features" if name.startswith("raw") else "grounded"
-        x = np.load(gdir / f"{source}.npy")
+        x = load_npy(gdir / f"{source}.npy")
         tok = HybridItemTokenizer(tk["num_levels"], tk["codebook_size"] or None,
                                   prefix_len=int(name[-1]), iters=tk["iters"])
         tok.fit(x, id_embeddings=id_emb, seed=tk["seed"])
