@@ -127,11 +127,21 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise FileNotFoundError(f"config file {path} does not exist"
+                                    + (" (it is a directory)" if path.is_dir() else ""))
         try:
-            cfg = _merge(cfg, tomllib.loads(path.read_text()))
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not a TOML file: byte {exc.start} is not valid UTF-8 "
+                             f"({exc.reason})") from None
+        try:
+            table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+        try:
+            cfg = _merge(cfg, table)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     if overrides:
         cfg = _merge(cfg, overrides)
     for v in cfg["train"]["variants"] + cfg["eval"]["variants"]:
