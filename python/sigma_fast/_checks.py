@@ -23,6 +23,16 @@ def as_tensor(a, name: str) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(a).__name__}")
 
 
+def as_id_tensor(ids, name: str) -> torch.Tensor:
+    """A tensor of item ids from a tensor, an array or a list / tuple of ints."""
+    if isinstance(ids, (list, tuple)):
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"{name} must be a 1-d sequence of ints; got {ids!r:.80}")
+        ids = arr.astype(np.int64)
+    return as_tensor(ids, name)[0]
+
+
 def to_output(t: torch.Tensor, was_numpy: bool):
     return t.numpy() if was_numpy else t
 

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._backends import load_core
-from ._checks import as_tensor, check_alloc, check_dtype, check_int, dtype_name
+from ._checks import as_id_tensor, as_tensor, check_alloc, check_dtype, check_int, dtype_name
 from ._io import Field, atomic_write_bytes, atomic_write_json, load_tensors, read_artifact_config
 
 FORMAT = "sigma_fast.ItemIndex"
@@ -155,7 +155,7 @@ class ItemIndex:
             prefixes = torch.from_numpy(np.ascontiguousarray(codes[first]))
         ids = None
         if item_ids is not None:
-            ids_t, _ = as_tensor(item_ids, "item_ids")
+            ids_t = as_id_tensor(item_ids, "item_ids")
             check_dtype(ids_t, "item_ids", (torch.int32, torch.int64))
             if list(ids_t.shape) != [n]:
                 raise ValueError(f"item_ids must be 1-d [N] with N = {n}; got shape "

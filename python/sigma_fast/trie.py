@@ -17,6 +17,7 @@ import torch
 from . import reference
 from ._backends import load_core
 from ._checks import (
+    as_id_tensor,
     as_tensor,
     check_alloc,
     check_dtype,
@@ -150,7 +151,7 @@ class PrefixTrie:
         tensors = {name: torch.from_numpy(np.asarray(arrays[name])) for name in ARRAYS}
         id_bound = n
         if item_ids is not None:
-            ids, _ = as_tensor(item_ids, "item_ids")
+            ids = as_id_tensor(item_ids, "item_ids")
             check_dtype(ids, "item_ids", (torch.int32, torch.int64))
             if ids.dim() != 1 or ids.shape[0] != n:
                 raise ValueError(f"item_ids must be 1-d [N] with N = {n} (codes' rows); got shape "
