@@ -412,8 +412,9 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
     if folder.is_dir():
         try:
             model = SASRec.load(folder)
-        except (FileNotFoundError, ValueError):
-            model = None  # retrained below
+        except (FileNotFoundError, ValueError) as exc:
+            _say(f"[evaluate] retraining SASRec: the saved one cannot be used ({exc})")
+            model = None
     if model is None:
         model = SASRec(ds.num_items, max_len=cfg["data"]["max_history"])
         model.fit(ds, epochs=cfg["eval"]["sasrec_epochs"], seed=cfg["train"]["seed"],

@@ -194,14 +194,13 @@ def _load_checkpoint(out_dir: Path, model, optimizer, scheduler, config: TrainCo
                          f"{state['step']}")
     tensors = load_tensors(ckpt / STATE_TENSORS, sha256=state["tensors_sha256"],
                            config_path=path)
-    mismatch = (f"delete {ckpt} or pass resume=False")
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise ValueError(f"{ckpt / STATE_TENSORS}: the checkpoint does not match this model (a "
-                         f"different backbone, vocabulary or variant?); {mismatch}. Details: "
-                         f"{str(exc)[:300]}") from exc
+                         f"different backbone, vocabulary or variant?); delete {ckpt} or pass "
+                         f"resume=False. Details: {str(exc)[:300]}") from exc
     _restore_optimizer(optimizer, state["optimizer"], tensors, ckpt / STATE_TENSORS, path)
     try:
         scheduler.load_state_dict(dict(state["scheduler"]))
