@@ -323,9 +323,9 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
         ``(item_ids int64 [B, N], log_probs float32 [B, N], source_ranks int64 [B, N])``,
         padded with -1 / -inf / -1 when a request has fewer than N candidates; source_ranks is
         the beam k each item came from. A log-probability of -inf always comes with id -1
-        and source -1 (padding), on every backend. With ``return_buckets`` also ``(bucket_item_ids int64
-        [B, K, M], bucket_sims float32 [B, K, M])``, best first, padded with -1 / -inf
-        (skipped beams are all padding). NumPy in, NumPy out.
+        and source -1 (padding), on every backend. With ``return_buckets`` also
+        ``(bucket_item_ids int64 [B, K, M], bucket_sims float32 [B, K, M])``, best first,
+        padded with -1 / -inf (skipped beams are all padding). NumPy in, NumPy out.
 
     Semantics (exactly those of ``sigma_fast.reference.apf_fuse``)::
 

@@ -122,7 +122,8 @@ RQ = [
     Case("rq_beam_none", "sf.rq_encode(X, CB, beam_width=None)", "TypeError",
          "beam_width must be an int; got NoneType"),
     Case("rq_x_1e30", "sf.rq_encode(X * np.float32(1e30), CB)", "ValueError",
-         r"x must lie in \[-[0-9.e+]+, [0-9.e+]+\] \(sqrt\(FLT_MAX / D\) / \(L \+ 2\) for D = 8, L = 2"),
+         r"x must lie in \[-[0-9.e+]+, [0-9.e+]+\] "
+         r"\(sqrt\(FLT_MAX / D\) / \(L \+ 2\) for D = 8, L = 2"),
     Case("rq_x_1e30_reference", "sf.rq_encode(X * np.float32(1e30), CB, backend='reference')",
          "ValueError", r"x must lie in"),
     Case("rq_codebooks_3e38", "sf.rq_encode(X, CB * np.float32(3e38 / 4))", "ValueError",

@@ -535,7 +535,8 @@ BASELINES = _json_cases("sasrec", "baselines/sasrec", "sasrec_config.json", "SAS
 HEADER = "user_id:token\titem_id:token\ttimestamp:float\n"
 DATASETS = [
     Case("data_non_utf8_id", f"""
-        d = write(TMP / "nu" / "x.inter", {HEADER!r}.encode() + b"u1\\ti1\\t1\\nu\\xff2\\ti2\\t2\\n")
+        d = write(TMP / "nu" / "x.inter",
+                  {HEADER!r}.encode() + b"u1\\ti1\\t1\\nu\\xff2\\ti2\\t2\\n")
         load_dataset(d, cache_dir=False)
         """, "ValueError", r"x.inter:3: not valid UTF-8"),
     Case("data_non_utf8_ids_would_merge", f"""
