@@ -88,8 +88,17 @@ void apf_fuse(const py::array& prefix_scores, const py::array& prefix_ids,
   auto* oi = static_cast<int64_t*>(out_ids.mutable_data());
   auto* ol = static_cast<float*>(out_logp.mutable_data());
   auto* os = static_cast<int64_t*>(out_src.mutable_data());
-  py::gil_scoped_release release;
-  sigma_fast::apf_fuse_cpu(ps, pi, qp, b, k, index, mask, params, oi, ol, os, bid, bsim);
+  guard_alloc("apf_fuse",
+              [&] {
+                return "B=" + std::to_string(b) + ", K=" + std::to_string(k) + ", N=" +
+                       std::to_string(n) + ", D=" + std::to_string(d) + ", top_m=" +
+                       std::to_string(top_m) + ", top_n=" + std::to_string(top_n);
+              },
+              [&] {
+                py::gil_scoped_release release;
+                sigma_fast::apf_fuse_cpu(ps, pi, qp, b, k, index, mask, params, oi, ol, os, bid,
+                                         bsim);
+              });
 }
 
 }  // namespace

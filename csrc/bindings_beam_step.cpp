@@ -23,6 +23,12 @@ py::tuple run_beam_step(BeamStepArgs& a, const py::array& child_offsets,
   a.beam_width = beam_width;
   a.normalize = static_cast<BeamNormalize>(normalize);
   a.pad_empty = pad_empty;
+  // The outputs are [batch, beam_width]: refuse sizes whose byte count overflows before NumPy
+  // is asked for them (Python checks them against the machine's memory first).
+  if (a.batch > 0 && beam_width > (int64_t{1} << 59) / 8 / a.batch)
+    throw std::invalid_argument("beam_width=" + std::to_string(beam_width) + " with batch " +
+                                std::to_string(a.batch) + ": the [batch, beam_width] outputs "
+                                "are too large to allocate");
   const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(a.batch),
                                        static_cast<py::ssize_t>(beam_width)};
   py::array_t<float> out_scores(shape);
@@ -34,10 +40,16 @@ py::tuple run_beam_step(BeamStepArgs& a, const py::array& child_offsets,
   a.out_parent = static_cast<int64_t*>(out_parent.mutable_data());
   a.out_token = static_cast<int64_t*>(out_token.mutable_data());
   a.out_state = static_cast<int64_t*>(out_state.mutable_data());
-  {
-    py::gil_scoped_release release;
-    sigma_fast::constrained_beam_step_cpu(a);
-  }
+  guard_alloc("constrained_beam_step",
+              [&] {
+                return "batch=" + std::to_string(a.batch) + ", beams_in=" +
+                       std::to_string(a.beams_in) + ", k=" + std::to_string(a.k) +
+                       ", beam_width=" + std::to_string(a.beam_width);
+              },
+              [&] {
+                py::gil_scoped_release release;
+                sigma_fast::constrained_beam_step_cpu(a);
+              });
   return py::make_tuple(out_scores, out_parent, out_token, out_state);
 }
 

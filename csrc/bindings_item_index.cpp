@@ -47,8 +47,15 @@ void item_index_build(const py::array& embeddings, const py::array& buckets, int
   auto* oo = static_cast<int64_t*>(offsets.mutable_data());
   auto* oi = static_cast<int64_t*>(out_ids.mutable_data());
   auto* op = static_cast<int64_t*>(positions.mutable_data());
-  py::gil_scoped_release release;
-  sigma_fast::item_index_build_cpu(ep, n, d, lde, bp, num_buckets, id_ptr, oe, oo, oi, op);
+  guard_alloc("item_index_build",
+              [&] {
+                return "n=" + std::to_string(n) + ", num_buckets=" + std::to_string(num_buckets);
+              },
+              [&] {
+                py::gil_scoped_release release;
+                sigma_fast::item_index_build_cpu(ep, n, d, lde, bp, num_buckets, id_ptr, oe, oo,
+                                                 oi, op);
+              });
 }
 
 }  // namespace

@@ -41,8 +41,17 @@ void rq_encode(const py::array& x, const py::array& codebooks, int64_t beam_widt
   const auto* xp = static_cast<const float*>(x.data());
   const auto* cp = static_cast<const float*>(codebooks.data());
   auto* out = static_cast<int64_t*>(codes.mutable_data());
-  py::gil_scoped_release release;
-  sigma_fast::rq_encode_cpu(xp, n, d, ldx, cp, levels, k, beam_width, out, err_ptr, strat);
+  guard_alloc("rq_encode",
+              [&] {
+                return "n=" + std::to_string(n) + ", d=" + std::to_string(d) +
+                       ", levels=" + std::to_string(levels) + ", k=" + std::to_string(k) +
+                       ", beam_width=" + std::to_string(beam_width);
+              },
+              [&] {
+                py::gil_scoped_release release;
+                sigma_fast::rq_encode_cpu(xp, n, d, ldx, cp, levels, k, beam_width, out, err_ptr,
+                                          strat);
+              });
 }
 
 template <class CodeT>
@@ -54,8 +63,12 @@ void rq_decode_t(const py::array& codes, const py::array& codebooks, int64_t lev
   const auto* cb = static_cast<const float*>(codebooks.data());
   const int64_t ldo = row_stride(out, "out");
   auto* op = static_cast<float*>(out.mutable_data());
-  py::gil_scoped_release release;
-  sigma_fast::rq_decode_cpu<CodeT>(cp, n, ldc, levels, cb, k, d, op, ldo);
+  guard_alloc("rq_decode",
+              [&] { return "n=" + std::to_string(n) + ", levels=" + std::to_string(levels); },
+              [&] {
+                py::gil_scoped_release release;
+                sigma_fast::rq_decode_cpu<CodeT>(cp, n, ldc, levels, cb, k, d, op, ldo);
+              });
 }
 
 void rq_decode(const py::array& codes, const py::array& codebooks, int64_t levels,

@@ -26,10 +26,15 @@ py::dict trie_build_t(const py::array& codes, int64_t codebook_size) {
   const int64_t ldc = row_stride(codes, "codes");
   const auto* cp = static_cast<const CodeT*>(codes.data());
   TrieArrays t;
-  {
-    py::gil_scoped_release release;
-    t = sigma_fast::trie_build_cpu<CodeT>(cp, n, levels, ldc, codebook_size);
-  }
+  guard_alloc("trie_build",
+              [&] {
+                return "n=" + std::to_string(n) + ", levels=" + std::to_string(levels) +
+                       ", codebook_size=" + std::to_string(codebook_size);
+              },
+              [&] {
+                py::gil_scoped_release release;
+                t = sigma_fast::trie_build_cpu<CodeT>(cp, n, levels, ldc, codebook_size);
+              });
   py::dict out;
   out["num_nodes"] = t.num_nodes;
   out["level_offsets"] = to_numpy(std::move(t.level_offsets));
@@ -61,8 +66,10 @@ void trie_walk_t(const py::array& tokens, const py::array& co, const py::array& 
   const int64_t ldt = row_stride(tokens, "tokens");
   const auto* tp = static_cast<const TokT*>(tokens.data());
   auto* op = static_cast<int64_t*>(out.mutable_data());
-  py::gil_scoped_release release;
-  sigma_fast::trie_walk_cpu<TokT>(tp, b, len, ldt, i64(co), i64(ct), i64(cn), nodes, op);
+  guard_alloc("trie_walk", [&] { return "b=" + std::to_string(b); }, [&] {
+    py::gil_scoped_release release;
+    sigma_fast::trie_walk_cpu<TokT>(tp, b, len, ldt, i64(co), i64(ct), i64(cn), nodes, op);
+  });
 }
 
 void trie_walk(const py::array& tokens, const py::array& child_offsets,
@@ -100,9 +107,13 @@ void trie_allowed_nodes(const py::array& masks, const py::array& item_perm,
   const auto* mp = static_cast<const uint8_t*>(masks.data());
   auto* op = static_cast<uint8_t*>(out.mutable_data());
   const int64_t id_bound = masks.shape(1), n = item_perm.shape(0);
-  py::gil_scoped_release release;
-  sigma_fast::trie_allowed_nodes_cpu(mp, m, ldm, id_bound, i64(item_perm), n, i64(item_begin),
-                                     i64(item_end), nodes, op);
+  guard_alloc("trie_allowed_nodes",
+              [&] { return "masks=" + std::to_string(m) + ", items=" + std::to_string(n); },
+              [&] {
+                py::gil_scoped_release release;
+                sigma_fast::trie_allowed_nodes_cpu(mp, m, ldm, id_bound, i64(item_perm), n,
+                                                   i64(item_begin), i64(item_end), nodes, op);
+              });
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -16,6 +17,32 @@ namespace sigma_fast::bind {
 
 namespace py = pybind11;
 using sigma_fast::require;
+
+// A Python MemoryError with a message (pybind11 maps a bare std::bad_alloc to MemoryError
+// without saying which op or sizes failed).
+class memory_error : public py::builtin_exception {
+ public:
+  using py::builtin_exception::builtin_exception;
+  void set_error() const override { PyErr_SetString(PyExc_MemoryError, what()); }
+};
+
+// Runs f(), a kernel call. Python validates sizes before they get here, so an allocation
+// failure inside a kernel (std::bad_alloc, or std::length_error from a container asked for an
+// impossible size) is a machine limit: it becomes a MemoryError naming the op and the sizes
+// (built by describe() only then) instead of a bare "std::bad_alloc". Every other exception
+// passes through to pybind11's usual translation (invalid_argument -> ValueError, out_of_range
+// -> IndexError); nothing escapes as an abort.
+template <class F, class Describe>
+decltype(auto) guard_alloc(const char* op, Describe&& describe, F&& f) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    throw memory_error(std::string(op) + ": out of memory (" + describe() + ")");
+  } catch (const std::length_error& e) {
+    throw memory_error(std::string(op) + ": a buffer would exceed the largest size this "
+                       "machine can allocate (" + describe() + "; " + e.what() + ")");
+  }
+}
 
 inline std::string shape_str(const py::array& a) {
   std::string s = "[";

@@ -27,6 +27,15 @@ namespace {
 
 // Sum of squares in double with eight independent accumulators (a fixed order, so the result
 // is deterministic; the independent chains let the compiler vectorize and pipeline it).
+inline double squared_norm64(const float* v, int64_t d) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(v[t + j]) * v[t + j];
+  for (; t < d; ++t) acc[0] += static_cast<double>(v[t]) * v[t];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 inline float squared_norm(const float* v, int64_t d) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t t = 0;
@@ -81,7 +90,11 @@ bool use_cross_tables(int64_t levels, int64_t k, int64_t beam) {
 
 // Per-thread scratch for a block of vectors; beams of vector i live in rows i*nb .. i*nb+nb-1.
 struct Workspace {
-  std::vector<float> res, res_next, dots, rnorm, rnorm_next, score, cand;
+  std::vector<float> res, res_next, dots, score, cand;
+  // Beam search: each beam's residual error relative to a per-vector constant (see
+  // encode_block / encode_block_cross), so that the huge ||r||^2 of inputs much larger than
+  // the codewords does not swamp the differences between candidates in float32.
+  std::vector<double> rnorm, rnorm_next;
   std::vector<int64_t> prefix, prefix_next;
   std::vector<int32_t> order;
 };
@@ -183,7 +196,10 @@ SIGMA_FAST_CLONES void encode_block_cross(const float* x, int64_t m, int64_t ldx
   for (int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * ldx;
     const float* xc = &ws.dots[i * width];
-    ws.rnorm[0] = squared_norm(xi, d);
+    // Scores are errors minus ||x||^2 (the same for every candidate of this vector):
+    // ||S + c||^2 - 2<x, S + c> for the code prefix's codeword sum S, whose terms are of the
+    // size |x||c|, not |x|^2.
+    ws.rnorm[0] = 0.0;
     int64_t nb = 1;
     for (int64_t l = 0; l < levels; ++l) {
       const float* cn = pc.norm(l);
@@ -198,7 +214,7 @@ SIGMA_FAST_CLONES void encode_block_cross(const float* x, int64_t m, int64_t ldx
           const float* t = pc.cross_row(p, l, pre[p]);
           for (int64_t j = 0; j < k; ++j) acc[j] -= t[j];
         }
-        const float rn = ws.rnorm[b];
+        const float rn = static_cast<float>(ws.rnorm[b]);
         for (int64_t j = 0; j < k; ++j) sc[j] = candidate_score(rn, cn[j], acc[j]);
         top.offer(b, sc);
       }
@@ -240,7 +256,7 @@ SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, cons
 
   for (int64_t i = 0; i < m; ++i) {
     std::memcpy(&ws.res[i * d], x + i * ldx, sizeof(float) * d);
-    ws.rnorm[i] = squared_norm(&ws.res[i * d], d);
+    ws.rnorm[i] = squared_norm64(&ws.res[i * d], d);
   }
   int64_t nb = 1;  // beams per vector at the current level (the same for every vector)
   for (int64_t l = 0; l < levels; ++l) {
@@ -275,10 +291,15 @@ SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, cons
     for (int64_t i = 0; i < m; ++i) {
       TopBeams top(nb_next, &ws.prefix[i * nb * levels], levels, l, k, ws.score.data(),
                    ws.order.data());
+      // Each beam's ||r||^2 (double) relative to the vector's smallest one: exactly 0 for a
+      // single beam (like greedy, which drops it), and beams whose float32 residuals are equal
+      // (inputs so large that codewords vanish in them) tie exactly.
+      double base = ws.rnorm[i * nb];
+      for (int64_t b = 1; b < nb; ++b) base = std::min(base, ws.rnorm[i * nb + b]);
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t row = i * nb + b;
         const float* dot = &ws.dots[row * kpad];
-        const float rn = ws.rnorm[row];
+        const float rn = static_cast<float>(ws.rnorm[row] - base);
         float* sc = ws.cand.data();
         for (int64_t j = 0; j < k; ++j) sc[j] = candidate_score(rn, cn[j], dot[j]);
         top.offer(b, sc);
@@ -294,7 +315,7 @@ SIGMA_FAST_CLONES void encode_block(const float* x, int64_t m, int64_t ldx, cons
         const float* cw = cb + j * d;
         float* out = &ws.res_next[dst * d];
         for (int64_t t = 0; t < d; ++t) out[t] = r[t] - cw[t];
-        ws.rnorm_next[dst] = squared_norm(out, d);
+        ws.rnorm_next[dst] = squared_norm64(out, d);
       }
     }
     std::swap(ws.res, ws.res_next);
@@ -317,6 +338,17 @@ void rq_encode_cpu(const float* x, int64_t n, int64_t d, int64_t ldx, const floa
                    RqStrategy strategy) {
   check_rq_encode_sizes(n, d, levels, k, beam_width);
   check_rq_encode_stride(ldx, d);
+  // A beam wider than k^levels keeps every partial code at every level, so it gives the same
+  // codes as beam k^levels: clamp it (without overflow) before it sizes any buffer.
+  int64_t widest = 1;
+  for (int64_t l = 0; l < levels && widest < beam_width; ++l)
+    widest = widest > beam_width / k ? beam_width : std::min(beam_width, widest * k);
+  beam_width = widest;
+  // Candidates of one vector are numbered b * k + j in 32 bits (TopBeams::cand).
+  if (beam_width > std::numeric_limits<int32_t>::max() / k)
+    throw std::invalid_argument("rq_encode: beam_width * k = " + std::to_string(beam_width) +
+                                " * " + std::to_string(k) +
+                                " candidates per vector exceed 2^31 - 1");
   if (n == 0) return;
   const bool cross = beam_width > 1 && levels > 1 &&
                      (strategy == RqStrategy::kCross ||

@@ -30,14 +30,22 @@ from .sid_vocab import SIDVocab  # noqa: E402
 from .trie import PrefixTrie  # noqa: E402
 
 
+MAX_THREADS = 1024  # the C++ pool starts one OS thread per worker
+
+
 def set_num_threads(n: int) -> None:
-    """Threads used by the C++ backend (0 = all hardware threads; default, or the
-    SIGMA_FAST_NUM_THREADS environment variable). An explicit count also stops the training and
-    generation loops from adapting thread counts to the free CPUs (``sigma_fast._threads``)."""
+    """Threads used by the C++ backend: an int in [0, 1024] (0 = all hardware threads; default,
+    or the SIGMA_FAST_NUM_THREADS environment variable). An explicit count also stops the
+    training and generation loops from adapting thread counts to the free CPUs
+    (``sigma_fast._threads``)."""
     from . import _threads
     from ._backends import require_backend
+    from ._checks import check_int
 
-    require_backend("cpu").set_num_threads(int(n))
+    n = check_int(n, "n (the number of threads)", 0)
+    if n > MAX_THREADS:
+        raise ValueError(f"n (the number of threads) must be <= {MAX_THREADS}; got {n}")
+    require_backend("cpu").set_num_threads(n)
     _threads.pin()
 
 

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
-
 
 
 def as_tensor(a, name: str) -> tuple[torch.Tensor, bool]:
@@ -20,6 +21,16 @@ def as_tensor(a, name: str) -> tuple[torch.Tensor, bool]:
         except TypeError as exc:
             raise TypeError(f"{name} must be a numeric NumPy array; got dtype {a.dtype}") from exc
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(a).__name__}")
+
+
+def as_id_tensor(ids, name: str) -> torch.Tensor:
+    """A tensor of item ids from a tensor, an array or a list / tuple of ints."""
+    if isinstance(ids, (list, tuple)):
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"{name} must be a 1-d sequence of ints; got {ids!r:.80}")
+        ids = arr.astype(np.int64)
+    return as_tensor(ids, name)[0]
 
 
 def to_output(t: torch.Tensor, was_numpy: bool):
@@ -99,3 +110,43 @@ def check_index_range(t: torch.Tensor, name: str, upper: int) -> None:
         bad_value = lo if lo < 0 else hi
         where = (t == bad_value).nonzero()[0].tolist()
         raise IndexError(f"{name} must lie in [0, {upper}); got {bad_value} at index {where}")
+
+
+# ------------------------------------------------------------------------- allocation sizes
+# Sizes and counts that decide how much memory an op allocates (a beam width, a codebook size,
+# the length of an output) are checked against the machine's memory before any allocation, so
+# an absurd value raises a ValueError stating the bound instead of failing deep inside C++ (or
+# being killed by the system).
+
+
+def _physical_memory() -> int:
+    env = os.environ.get("SIGMA_FAST_MAX_ALLOC_BYTES")
+    if env:
+        return int(env)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - no sysconf
+        return 1 << 40
+
+
+# Read once at import: the checks also run while torch.compile traces the ops.
+_MEMORY_BYTES = _physical_memory()
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes (the bound of :func:`check_alloc`);
+    ``SIGMA_FAST_MAX_ALLOC_BYTES`` (read at import) overrides it."""
+    return _MEMORY_BYTES
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def check_alloc(nbytes: int, what: str) -> None:
+    """Raise ValueError when ``nbytes`` (what ``what`` would allocate) exceeds the machine's
+    memory; the message names the sizes through ``what`` and states the bound."""
+    limit = _MEMORY_BYTES
+    if nbytes > limit:
+        raise ValueError(f"{what} would need {gib(nbytes)}, more than this machine's "
+                         f"{gib(limit)} of memory")

@@ -8,7 +8,9 @@ it. Callers ask this module instead of spelling a keyword or an attribute themse
 - position ids that count real tokens only (the convention of ``generate``);
 - the keyword arguments of ``create_causal_mask`` (renamed between versions);
 - reading models offline (``HF_HUB_OFFLINE``) and without per-file progress bars;
-- the dtype keyword of ``from_pretrained`` (``dtype``, formerly ``torch_dtype``).
+- the dtype keyword of ``from_pretrained`` (``dtype``, formerly ``torch_dtype``);
+- loading a folder without running code from it (``local_model_kwargs`` /
+  ``local_tokenizer_kwargs``).
 
 Importing this module checks the installed transformers against the oldest version sigma_fast
 supports (``_compat.TRANSFORMERS_MIN``).
@@ -26,7 +28,8 @@ from ._compat import check_transformers
 check_transformers()  # from the installed metadata: transformers itself is not imported here
 
 __all__ = ["cache_kwarg", "causal_mask_kwargs", "forward_params", "from_pretrained_kwargs",
-           "offline", "output_cache", "position_ids", "quiet"]
+           "local_model_kwargs", "local_tokenizer_kwargs", "offline", "output_cache",
+           "position_ids", "quiet"]
 
 
 def offline() -> None:
@@ -83,6 +86,20 @@ def from_pretrained_kwargs(dtype: torch.dtype) -> dict:
 
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def local_model_kwargs(dtype: torch.dtype) -> dict:
+    """``from_pretrained`` keywords for a model folder that may come from anyone (a run
+    directory): weights from safetensors only (a ``pytorch_model.bin`` is a pickle and is never
+    read), no code from the folder (``trust_remote_code=False``), and the dtype."""
+    return {**from_pretrained_kwargs(dtype), "use_safetensors": True,
+            "trust_remote_code": False}
+
+
+def local_tokenizer_kwargs() -> dict:
+    """``AutoTokenizer.from_pretrained`` keywords for a folder that may come from anyone: no
+    code from the folder."""
+    return {"trust_remote_code": False}
 
 
 class quiet:

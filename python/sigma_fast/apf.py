@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from . import reference
-from ._backends import capturing, cuda_stream, load_core, load_cuda, load_triton, run_op, select
+from ._backends import (capturing, cuda_stream, eager, load_core, load_cuda, load_triton,
+                        run_op, select)
 from ._checks import (
     as_tensor,
+    check_alloc,
     check_dtype,
     check_int,
     check_mask,
@@ -30,6 +32,16 @@ from ._checks import (
 from .item_index import ItemIndex
 
 NORMALIZE_MODES = ("top_m", "bucket")
+
+# The valid range of a request's inverse temperature t_b (see apf_fuse): every backend
+# evaluates log P = (φ + t·s) - logsumexp(t·s) in float64 from float32 similarities s in
+# [-1, 1] and stores it in float32. Above 2^28 the cancellation error of that sum, up to
+# t·2^-52, exceeds the float32 spacing 2^-24 of a log-probability near 1 (at τ = 1e-30 it is
+# ~1e14 and every bucket's best item gets log P = 0 whatever its φ); below 2^-28 t times the
+# float32 resolution 2^-24 of a similarity falls under the float64 spacing 2^-52 of an O(1)
+# score, so the similarities stop mattering (t = 0: a bucket's items tie and rank by id).
+T_MIN, T_MAX = 2.0 ** -28, 2.0 ** 28
+_T_RANGE = "[2^-28, 2^28] ~ [3.7e-09, 2.7e+08]"
 
 # ------------------------------------------------------------------------------ backends
 # Each takes validated tensors (allowed: None or bool [1 or B, id_bound]) and returns
@@ -129,6 +141,31 @@ def _first(mask: torch.Tensor) -> list:
     return mask.nonzero()[0].tolist()
 
 
+def _check_temperatures(phi, tau, adaptive, sigma_min):
+    """Every request's t_b must lie in [T_MIN, T_MAX] (see apf_fuse)."""
+    if not adaptive:
+        return  # t = 1 / tau, checked by apf_fuse
+    live = torch.isfinite(phi)
+    count = live.sum(dim=1)
+    rows = count > 0
+    if not bool(rows.any()):
+        return
+    p64 = torch.where(live, phi.double(), 0.0)
+    mean = p64.sum(dim=1) / count.clamp(min=1)
+    var = torch.where(live, (p64 - mean[:, None]) ** 2, 0.0).sum(dim=1) / count.clamp(min=1)
+    t = torch.clamp(var.sqrt(), min=sigma_min) / tau
+    bad = rows & ((t < T_MIN) | (t > T_MAX))
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        sigma = float(var[b].sqrt())
+        raise ValueError(
+            f"apf_fuse: request {b} has temperature t_b = max(std(prefix_scores[{b}]) = "
+            f"{sigma:.6g}, sigma_min = {sigma_min:g}) / tau = {float(t[b]):.6g}, outside "
+            f"{_T_RANGE}, the range where every fused log-probability keeps float32 "
+            f"precision (see the apf_fuse docstring)"
+            + ("; its beams all have the same score: give sigma_min > 0" if sigma == 0 else ""))
+
+
 def _check_values(phi, pids, q, num_buckets):
     bad = torch.isnan(phi) | (phi == math.inf)
     if bool(bad.any()):
@@ -161,6 +198,7 @@ def _apf_fuse_impl(prefix_scores, prefix_ids, queries, embeddings, offsets, item
                    backend):
     if not capturing(queries.device):
         _check_values(prefix_scores, prefix_ids, queries, offsets.shape[0] - 1)
+        _check_temperatures(prefix_scores, tau, adaptive, sigma_min)
     unsupported = {}
     if top_m > _triton_top_m_limit():
         unsupported["triton"] = (f"supports top_m <= {_triton_top_m_limit()}; got top_m={top_m}: "
@@ -169,8 +207,12 @@ def _apf_fuse_impl(prefix_scores, prefix_ids, queries, embeddings, offsets, item
     if name != "cuda" and embeddings.dtype != torch.float32:
         raise TypeError(f"apf_fuse ({name}): index embeddings must be float32 (float16/bfloat16 "
                         f"indexes run on the cuda backend); got {dtype_name(embeddings.dtype)}")
-    return fuse(prefix_scores, prefix_ids, queries, embeddings, offsets, item_ids, allowed,
-                top_m, top_n, tau, adaptive, sigma_min, normalize, dedup, return_buckets)
+    ids, logp, src, b_ids, b_sims = fuse(prefix_scores, prefix_ids, queries, embeddings, offsets,
+                                         item_ids, allowed, top_m, top_n, tau, adaptive,
+                                         sigma_min, normalize, dedup, return_buckets)
+    # A -inf log-probability is padding on every backend: never a real id beside it.
+    pad = torch.isneginf(logp)
+    return (ids.masked_fill(pad, -1), logp, src.masked_fill(pad, -1), b_ids, b_sims)
 
 
 @torch.library.custom_op("sigma_fast::apf_fuse", mutates_args=())
@@ -211,6 +253,22 @@ def _check_real(value, name: str, *, positive: bool) -> float:
     return value
 
 
+def _check_static_temperature(tau: float, adaptive: bool, sigma_min: float) -> None:
+    """What tau and sigma_min alone decide of t_b's range (see apf_fuse)."""
+    if not adaptive:
+        if not T_MIN <= 1.0 / tau <= T_MAX:
+            raise ValueError(f"tau must give t = 1 / tau in {_T_RANGE} (tau in [2^-28, 2^28]), "
+                             f"the range where every fused log-probability keeps float32 "
+                             f"precision (see the apf_fuse docstring); got tau = {tau:g}, "
+                             f"t = {1.0 / tau:.6g}")
+    elif sigma_min / tau > T_MAX:
+        raise ValueError(f"sigma_min / tau must be <= 2^28 ~ 2.7e+08 (t_b = max(std(phi_b), "
+                         f"sigma_min) / tau must lie in {_T_RANGE}, the range where every "
+                         f"fused log-probability keeps float32 precision; see the apf_fuse "
+                         f"docstring); got sigma_min = {sigma_min:g}, tau = {tau:g}, "
+                         f"sigma_min / tau = {sigma_min / tau:.6g}")
+
+
 def _check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -235,7 +293,17 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
         top_m: M >= 1, candidates kept per beam. top_n: N >= 1, results per request.
         tau: τ > 0, the temperature.
         adaptive: t_b = max(σ_b, sigma_min) / τ, with σ_b the population standard deviation of
-            request b's finite φ; otherwise t_b = 1 / τ.
+            request b's finite φ; otherwise t_b = 1 / τ. Every request's t_b must lie in
+            [2^-28, 2^28] (≈ [3.7e-9, 2.7e8]); anything else raises ValueError. Why: log P =
+            (φ + t·s) - logsumexp(t·s) is evaluated in float64 from float32 similarities s in
+            [-1, 1] and stored in float32. Its cancellation error, up to t·2^-52, must stay
+            under the float32 spacing 2^-24 of a log-probability near 1, so t <= 2^28 (beyond,
+            the best item of every bucket tends to log P = 0 whatever its φ: at τ = 1e-30 the
+            error is ~1e14); and t times the float32 resolution 2^-24 of a similarity must stay
+            above the float64 spacing 2^-52 of an O(1) score, so t >= 2^-28 (below, the
+            similarities stop counting; t = 0, e.g. equal beam scores with sigma_min = 0, ties
+            every item of a bucket). The τ and sigma_min values alone are checked on every
+            call; the σ_b-dependent bound too, except while a CUDA graph is being captured.
         sigma_min: floor of σ_b (>= 0). The default 1e-3 matters when σ_b = 0 (K = 1, or all
             beams equally likely): t_b then is 1e-3 / τ (0.02 at τ = 0.05), so the fused score
             is essentially φ - log M and items rank by beam first, then by similarity.
@@ -254,9 +322,10 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
     Returns:
         ``(item_ids int64 [B, N], log_probs float32 [B, N], source_ranks int64 [B, N])``,
         padded with -1 / -inf / -1 when a request has fewer than N candidates; source_ranks is
-        the beam k each item came from. With ``return_buckets`` also ``(bucket_item_ids int64
-        [B, K, M], bucket_sims float32 [B, K, M])``, best first, padded with -1 / -inf
-        (skipped beams are all padding). NumPy in, NumPy out.
+        the beam k each item came from. A log-probability of -inf always comes with id -1
+        and source -1 (padding), on every backend. With ``return_buckets`` also
+        ``(bucket_item_ids int64 [B, K, M], bucket_sims float32 [B, K, M])``, best first,
+        padded with -1 / -inf (skipped beams are all padding). NumPy in, NumPy out.
 
     Semantics (exactly those of ``sigma_fast.reference.apf_fuse``)::
 
@@ -308,15 +377,23 @@ def apf_fuse(prefix_scores, prefix_ids, queries, index: ItemIndex, *, top_m: int
         allowed = mask if mask.dim() == 2 else mask.unsqueeze(0)
     top_m = check_int(top_m, "top_m", 1)
     top_n = check_int(top_n, "top_n", 1)
+    check_alloc(b * top_n * 20, f"top_n={top_n} for B={b} requests: the outputs (int64, "
+                f"float32, int64 [B, top_n])")
     tau = _check_real(tau, "tau", positive=True)
     sigma_min = _check_real(sigma_min, "sigma_min", positive=False)
     adaptive = _check_bool(adaptive, "adaptive")
-    dedup = _check_bool(dedup, "dedup")
     return_buckets = _check_bool(return_buckets, "return_buckets")
+    if return_buckets:
+        check_alloc(b * k * top_m * 12, f"top_m={top_m} with return_buckets for B={b} "
+                    f"requests of K={k} beams: the int64 and float32 [B, K, top_m] outputs")
+    _check_static_temperature(tau, adaptive, sigma_min)
+    dedup = _check_bool(dedup, "dedup")
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}; got {normalize!r}")
     if pids.dtype != torch.int64:
         pids = pids.to(torch.int64)
+    if eager() and not capturing(phi.device):
+        index._revalidate_if_edited()
     out = run_op(torch.ops.sigma_fast.apf_fuse, _apf_fuse_impl, phi, pids, q, index.embeddings,
                  index.offsets, index.item_ids, allowed, top_m, top_n, tau, adaptive, sigma_min,
                  normalize, dedup, return_buckets, backend or "")

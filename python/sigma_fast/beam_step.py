@@ -18,11 +18,13 @@ from . import reference
 from ._backends import cuda_stream, eager, load_core, load_cuda, load_triton, run_op, select
 from ._checks import (
     as_tensor,
+    check_alloc,
     check_dtype,
     check_int,
     check_mask,
     check_rank,
     check_same_device,
+    memory_bytes,
     to_output,
 )
 from .reference.beam_step import NORMALIZE, ON_EMPTY
@@ -307,6 +309,7 @@ def _constrained_beam_step(logits, beam_scores, states, trie, beam_width, allowe
         al, _ = check_mask(allowed, "allowed", trie.num_nodes, "trie.num_nodes", batch=b)
         check_same_device(lg, "logits", al, "allowed")
     beam_width = check_int(beam_width, "beam_width", 1)
+    _check_output_size(b, beam_width)
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
     if on_empty not in ON_EMPTY:
@@ -319,6 +322,12 @@ def _constrained_beam_step(logits, beam_scores, states, trie, beam_width, allowe
     return BeamStep(*(to_output(o, was_numpy) for o in out))
 
 
+def _check_output_size(batch: int, beam_width: int) -> None:
+    """The outputs are four [B, W] arrays (float32 + 3 x int64): W must fit in memory."""
+    check_alloc(28 * batch * beam_width, f"beam_width={beam_width} for B={batch} requests: the "
+                f"four [B, beam_width] outputs (scores, parent, token, states)")
+
+
 # ------------------------------------------------------------------------ cpu fast path
 # A step at small sizes is tens of microseconds of C++, so the Python around it counts: the
 # common case (CPU float32 / int64 torch tensors, eager mode, cpu backend) is recognised with a
@@ -326,6 +335,7 @@ def _constrained_beam_step(logits, beam_scores, states, trie, beam_width, allowe
 # itself; anything else (or anything wrong) takes the general path and its messages.
 
 _NORMALIZE_CODE = {name: i for i, name in enumerate(NORMALIZE)}
+_MEMORY = memory_bytes()
 _TRIE_NUMPY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -364,8 +374,8 @@ def _step_cpu_fast(logits, beam_scores, states, trie, beam_width, allowed, norma
             or not (beam_scores.is_contiguous() and states.is_contiguous())):
         return None
     co, ct, cn = _trie_numpy(trie)  # None unless the trie is on the CPU
-    if co is None:
-        return None
+    if co is None or 28 * shape[0] * beam_width > _MEMORY:
+        return None  # the general path explains
     al, ld_al = 0, 0
     if allowed is not None:
         if not (type(allowed) is torch.Tensor and allowed.dtype is torch.bool  # noqa: E721

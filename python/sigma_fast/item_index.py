@@ -12,14 +12,17 @@ import torch
 
 from . import reference
 from ._backends import load_core
-from ._checks import as_tensor, check_dtype, check_int, dtype_name
-from ._io import atomic_write_bytes, atomic_write_json, load_tensors, read_artifact_config
+from ._checks import as_id_tensor, as_tensor, check_alloc, check_dtype, check_int, dtype_name
+from ._io import Field, atomic_write_bytes, atomic_write_json, load_tensors, read_artifact_config
 
 FORMAT = "sigma_fast.ItemIndex"
 FORMAT_VERSION = 1
 TENSORS_FILE = "item_index.safetensors"
 CONFIG_FILE = "item_index.json"
 _MAX_KEY = 2**62  # mixed-radix prefix keys must stay below this
+_FIELDS = {"num_items": Field("int", lo=1), "dim": Field("int", lo=1),
+           "num_buckets": Field("int", lo=1), "prefix_levels": Field("int", lo=0),
+           "id_bound": Field("int", lo=1), "tensors_sha256": Field("sha256")}
 
 
 @dataclass
@@ -92,6 +95,15 @@ class ItemIndex:
 
     Built by the C++ core (the NumPy reference when the core is unavailable), on the CPU; an
     index built from CUDA embeddings is moved back to their device.
+
+    Edits. The tensors above may be edited in place or replaced only so that the result is
+    again a valid index of this layout (e.g. an item's row replaced by another unit-norm row).
+    ``apf_fuse`` notices any torch in-place edit or replaced tensor attribute at its next call
+    (tensor version counters: a constant-time test) and then re-validates the whole index once
+    with :meth:`validate`, which raises ValueError naming the first violation (non-finite or
+    non-unit rows, negative or repeated ids, ids whose max + 1 is not ``id_bound``, offsets,
+    positions or prefixes out of order). Writes that bypass torch (through a NumPy view or a raw
+    pointer) are invisible to that test: call ``index.validate()`` after them.
     """
 
     embeddings: torch.Tensor
@@ -124,6 +136,9 @@ class ItemIndex:
             if num_buckets is None:
                 num_buckets = top + 1
             num_buckets = check_int(num_buckets, "num_buckets", 1)
+            check_alloc(8 * (num_buckets + 1), f"num_buckets={num_buckets} (1-d prefix_codes "
+                        f"are bucket ids in [0, num_buckets); the largest is {top}): the int64 "
+                        f"[num_buckets + 1] bucket offsets")
             if num_buckets <= top:
                 raise ValueError(f"num_buckets must be > every prefix code ({top}); got "
                                  f"{num_buckets}")
@@ -140,7 +155,7 @@ class ItemIndex:
             prefixes = torch.from_numpy(np.ascontiguousarray(codes[first]))
         ids = None
         if item_ids is not None:
-            ids_t, _ = as_tensor(item_ids, "item_ids")
+            ids_t = as_id_tensor(item_ids, "item_ids")
             check_dtype(ids_t, "item_ids", (torch.int32, torch.int64))
             if list(ids_t.shape) != [n]:
                 raise ValueError(f"item_ids must be 1-d [N] with N = {n}; got shape "
@@ -177,6 +192,65 @@ class ItemIndex:
         self._radix = None if prefixes is None else _radix_of(prefixes.cpu().numpy())
         self._keys = None if prefixes is None else _prefix_keys(prefixes.cpu().numpy(),
                                                                self._radix)
+        self._seen = self._state()
+
+    def _tensors(self) -> tuple:
+        return (self.embeddings, self.offsets, self.item_ids, self.positions, self.prefixes)
+
+    def _state(self) -> tuple:
+        """The identity and version counter of every tensor and the id bound: any torch
+        in-place edit or replaced attribute changes it."""
+        return tuple((t, -1 if t is None else t._version) for t in self._tensors()) \
+            + (self.id_bound,)
+
+    def _edited(self) -> bool:
+        seen, now = self._seen, self._state()
+        return any(a[0] is not b[0] or a[1] != b[1] for a, b in zip(seen[:-1], now[:-1])) \
+            or seen[-1] != now[-1]
+
+    def validate(self) -> "ItemIndex":
+        """Check every invariant of the layout (see the class docstring) on the current
+        tensors, raising ValueError naming the first violation; on success the index is
+        marked valid (``apf_fuse`` then trusts it until the next edit). Reads every tensor
+        (a device-to-host copy for an index on a GPU). Returns self."""
+        where = "ItemIndex"
+        t = {"embeddings": self.embeddings, "offsets": self.offsets,
+             "item_ids": self.item_ids, "positions": self.positions}
+        if self.prefixes is not None:
+            t["prefixes"] = self.prefixes
+        for name, v in t.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{where}: {name} must be a torch.Tensor; got "
+                                 f"{type(v).__name__}")
+            if v.device != self.embeddings.device:
+                raise ValueError(f"{where}: {name} must be on the embeddings' device "
+                                 f"({self.embeddings.device}); got {v.device}")
+        emb = self.embeddings
+        if emb.dtype not in (torch.float32, torch.float16, torch.bfloat16) or emb.dim() != 2 \
+                or emb.shape[0] < 1:
+            raise ValueError(f"{where}: embeddings must be float32 (or float16 / bfloat16 on "
+                             f"CUDA) [N >= 1, D]; got {dtype_name(emb.dtype)} "
+                             f"{list(emb.shape)}")
+        n = emb.shape[0]
+        u = self.offsets.shape[0] - 1 if self.offsets.dim() == 1 else -1
+        expected = {"offsets": [max(u, 0) + 1], "item_ids": [n], "positions": [n]}
+        if self.prefixes is not None:
+            expected["prefixes"] = [u, self.prefix_levels]
+        for name, shape in expected.items():
+            if t[name].dtype != torch.int64 or list(t[name].shape) != shape or u < 1:
+                raise ValueError(f"{where}: {name} must be int64 {shape} (offsets [U + 1], "
+                                 f"U >= 1); got {dtype_name(t[name].dtype)} "
+                                 f"{list(t[name].shape)}")
+        host = {k: v.detach().cpu().contiguous() for k, v in t.items()}
+        host["embeddings"] = host["embeddings"].float()
+        _verify_layout(host, n, self.id_bound, where,
+                       norm_tol=1e-4 if emb.dtype == torch.float32 else 1e-2)
+        self._set(*self._tensors(), id_bound=self.id_bound)
+        return self
+
+    def _revalidate_if_edited(self) -> None:
+        if self._edited():
+            self.validate()
 
     @classmethod
     def _from_tensors(cls, embeddings, offsets, item_ids, positions, prefixes, *, id_bound):
@@ -220,6 +294,7 @@ class ItemIndex:
             raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
         if dtype != torch.float32 and device.type != "cuda":
             raise ValueError(f"float16/bfloat16 embeddings are for CUDA devices; got {device}")
+        self._revalidate_if_edited()  # a copy must not launder an invalid edit
         if device == self.device and dtype == self.embeddings.dtype:
             return self
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
@@ -235,6 +310,7 @@ class ItemIndex:
         the input's kind and device."""
         p_t, was_numpy = as_tensor(prefix, "prefix")
         check_dtype(p_t, "prefix", (torch.int32, torch.int64))
+        self._revalidate_if_edited()
         p = p_t.detach().cpu().numpy().astype(np.int64, copy=False)
         if self.prefixes is None:
             out = np.where((p >= 0) & (p < self.num_buckets), p, -1)
@@ -283,6 +359,7 @@ class ItemIndex:
         """Write ``item_index.safetensors`` and ``item_index.json`` into ``directory``, each
         replaced atomically; the JSON records the tensor file's SHA-256, so a reader never
         pairs one save's config with another's tensors."""
+        self._revalidate_if_edited()
         directory = Path(directory)
         tensors = {"embeddings": self.embeddings, "offsets": self.offsets,
                    "item_ids": self.item_ids, "positions": self.positions}
@@ -310,21 +387,12 @@ class ItemIndex:
         """Read an index written by ``save`` (onto ``device``, default CPU), verifying the
         checksum, tensor names, dtypes and shapes, the layout invariants and unit-norm rows."""
         directory, cfg_path, config = read_artifact_config(
-            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "an item index")
+            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "an item index", _FIELDS)
+        tensors = load_tensors(directory / TENSORS_FILE, sha256=config["tensors_sha256"],
+                               config_path=cfg_path)
         t_path = directory / TENSORS_FILE
-        if not t_path.is_file():
-            raise FileNotFoundError(f"expected a safetensors file at {t_path}; it does not exist")
-        digest = hashlib.sha256(t_path.read_bytes()).hexdigest()
-        if digest != config.get("tensors_sha256"):
-            raise ValueError(f"{t_path}: checksum {digest[:12]}... does not match the one in "
-                             f"{CONFIG_FILE} ({str(config.get('tensors_sha256'))[:12]}...): the "
-                             f"file is corrupt or from another save")
-        tensors = load_tensors(t_path)
-        try:
-            n, d, u = (int(config[k]) for k in ("num_items", "dim", "num_buckets"))
-            levels, id_bound = int(config["prefix_levels"]), int(config["id_bound"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{cfg_path}: missing or invalid field: {exc}") from exc
+        n, d, u = (config[k] for k in ("num_items", "dim", "num_buckets"))
+        levels, id_bound = config["prefix_levels"], config["id_bound"]
         expected = {"embeddings": (torch.float32, [n, d]), "offsets": (torch.int64, [u + 1]),
                     "item_ids": (torch.int64, [n]), "positions": (torch.int64, [n])}
         if levels:
@@ -354,7 +422,8 @@ def _check_ids(ids: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} must be unique; got {s[dup[0]]} more than once")
 
 
-def _verify_layout(t: dict, n: int, id_bound: int, where: str) -> None:
+def _verify_layout(t: dict, n: int, id_bound: int, where: str, *,
+                   norm_tol: float = 1e-4) -> None:
     off = t["offsets"].numpy()
     if off[0] != 0 or off[-1] != n or (np.diff(off) < 0).any():
         raise ValueError(f"{where}: offsets must start at 0, be non-decreasing and end at {n}")
@@ -368,7 +437,7 @@ def _verify_layout(t: dict, n: int, id_bound: int, where: str) -> None:
         raise ValueError(f"{where}: positions must be a permutation of 0..{n - 1}")
     emb = t["embeddings"]
     norms = torch.linalg.vector_norm(emb, dim=1)
-    bad = ~torch.isfinite(norms) | ((norms - 1.0).abs() > 1e-4)
+    bad = ~torch.isfinite(norms) | ((norms - 1.0).abs() > norm_tol)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
         raise ValueError(f"{where}: embeddings must be finite unit-norm rows; row {row} has norm "

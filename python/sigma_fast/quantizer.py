@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,12 +11,20 @@ import numpy as np
 import torch
 
 from ._checks import as_tensor, check_dtype, check_finite, check_int, check_rank
-from ._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from ._io import (Field, atomic_save_tensors, atomic_write_json, load_tensors,
+                  read_artifact_config, sha256_file)
 from .rq import rq_decode, rq_encode
 
-FORMAT_VERSION = 1
+FORMAT = "sigma_fast.ResidualQuantizer"
+FORMAT_VERSION = 2  # 2: rq_config.json records the SHA-256 of codebooks.safetensors
 CODEBOOKS_FILE = "codebooks.safetensors"
 CONFIG_FILE = "rq_config.json"
+_FIELDS = {
+    "num_levels": Field("int", lo=1), "codebook_size": Field("int", lo=1),
+    "dim": Field("int", lo=1), "beam_width": Field("int", lo=1),
+    "fit_stats": Field("dict", optional=True),
+    "tensors_sha256": Field("sha256", optional=True),  # required from format_version 2
+}
 
 
 @dataclass
@@ -248,39 +257,56 @@ class ResidualQuantizer:
 
     # ------------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``codebooks.safetensors`` and ``rq_config.json`` into ``directory`` (each file
-        replaced atomically)."""
+        """Write ``codebooks.safetensors`` and ``rq_config.json`` (with the codebooks file's
+        SHA-256) into ``directory``, each file replaced atomically, the config last."""
         cb = self._require_fitted()
         directory = Path(directory)
+        atomic_save_tensors(directory / CODEBOOKS_FILE, {"codebooks": cb},
+                            metadata={"format": FORMAT})
         config = {
-            "format": "sigma_fast.ResidualQuantizer",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "num_levels": self.num_levels,
             "codebook_size": self.codebook_size,
             "dim": self.dim,
             "beam_width": self.beam_width,
             "fit_stats": self.fit_stats,
+            "tensors_sha256": sha256_file(directory / CODEBOOKS_FILE),
         }
-        atomic_save_tensors(directory / CODEBOOKS_FILE, {"codebooks": cb},
-                            metadata={"format": "sigma_fast.ResidualQuantizer"})
         atomic_write_json(directory / CONFIG_FILE, config)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ResidualQuantizer":
-        directory, _, config = read_artifact_config(
-            directory, CONFIG_FILE, "sigma_fast.ResidualQuantizer", FORMAT_VERSION,
-            "a quantizer")
-        tensors = load_tensors(directory / CODEBOOKS_FILE)
-        if "codebooks" not in tensors:
-            raise ValueError(f"{directory / CODEBOOKS_FILE}: expected a tensor named "
+        """Read a quantizer written by ``save``. Every field of ``rq_config.json`` is checked
+        (types and ranges), the codebooks file must match the SHA-256 the config records and
+        the shape it states, and the codebooks must be finite; anything else raises ValueError
+        naming the file and the field. A save of format version 1 (no checksum) still loads,
+        with a warning that its codebooks cannot be verified."""
+        directory, path, config = read_artifact_config(
+            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "a quantizer", _FIELDS)
+        digest = config.get("tensors_sha256")
+        if digest is None:
+            if config["format_version"] >= 2:
+                raise ValueError(f"{path}: missing field 'tensors_sha256' (the SHA-256 of "
+                                 f"{CODEBOOKS_FILE}, required from format_version 2)")
+            warnings.warn(f"{path} has format_version 1, which records no checksum: "
+                          f"{CODEBOOKS_FILE} cannot be verified; save the quantizer again to "
+                          f"add one", UserWarning, stacklevel=2)
+        tensors = load_tensors(directory / CODEBOOKS_FILE, sha256=digest, config_path=path)
+        if sorted(tensors) != ["codebooks"]:
+            raise ValueError(f"{directory / CODEBOOKS_FILE}: expected exactly one tensor named "
                              f"'codebooks'; got {sorted(tensors)}")
         cb = tensors["codebooks"]
-        expected = [config.get("num_levels"), config.get("codebook_size"), config.get("dim")]
+        expected = [config["num_levels"], config["codebook_size"], config["dim"]]
         if cb.dtype != torch.float32 or list(cb.shape) != expected:
             raise ValueError(f"{directory / CODEBOOKS_FILE}: expected float32 codebooks of shape "
                              f"{expected} (from {CONFIG_FILE}); got {str(cb.dtype)} "
                              f"{list(cb.shape)}")
-        rq = cls(cb, beam_width=int(config.get("beam_width", 1)))
+        try:
+            check_finite(cb, "codebooks")
+        except ValueError as exc:
+            raise ValueError(f"{directory / CODEBOOKS_FILE}: {exc}") from None
+        rq = cls(cb, beam_width=config["beam_width"])
         rq.fit_stats = config.get("fit_stats", {})
         return rq

@@ -8,6 +8,8 @@ dispatch to a backend.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -15,7 +17,9 @@ from . import reference
 from ._backends import (capturing, cuda_stream, eager, load_core, load_cuda, load_triton, run_op,
                         select)
 from ._checks import (
+    _host_array,
     as_tensor,
+    check_alloc,
     check_dtype,
     check_finite,
     check_index_range,
@@ -26,12 +30,48 @@ from ._checks import (
 )
 
 CODE_DTYPE = torch.int64  # dtype of the codes rq_encode returns
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def max_abs_value(dim: int, levels: int) -> float:
+    """The largest magnitude ``rq_encode`` accepts in ``x`` and the codebooks (every backend):
+    sqrt(FLT_MAX / D) / (L + 2). The kernels evaluate ||r||^2 - 2<r, c> + ||c||^2 in float32,
+    where the residual r = x - (up to L codewords) has entries up to (L + 1)·M, so that sum is
+    at most D·(L + 2)^2·M^2, which must not overflow float32 (an overflow turns every distance
+    into +inf, and the code into 0)."""
+    return math.sqrt(_FLT_MAX / dim) / (levels + 2)
+
+
+def _check_magnitude(t: torch.Tensor, name: str, bound: float, why: str) -> None:
+    """Every entry of t must be finite with |value| <= bound."""
+    if t.numel() == 0:
+        return
+    a = _host_array(t)
+    lo, hi = (float(a.min()), float(a.max())) if a is not None else \
+        (float(t.min()), float(t.max()))
+    if not (-bound <= lo and hi <= bound):  # NaN fails both
+        check_finite(t, name)
+        bad = (t.abs() > bound).nonzero()[0].tolist()
+        raise ValueError(f"{name} must lie in [-{bound:.4g}, {bound:.4g}] ({why}); got "
+                         f"{t[tuple(bad)].item():.6g} at index {bad}")
+
+
+def effective_beam_width(beam_width: int, codebook_size: int, levels: int) -> int:
+    """min(beam_width, K^L): a wider beam keeps every partial code at every level, so it
+    returns exactly the codes of beam K^L."""
+    widest = 1
+    for _ in range(levels):
+        if widest >= beam_width:
+            break
+        widest = min(beam_width, widest * codebook_size)
+    return min(widest, beam_width)
 
 # ------------------------------------------------------------------------------ backends
 # Each takes validated tensors and returns tensors on the input's device.
 
 
 def _encode_reference(x, codebooks, beam_width):
+    _check_workspace(beam_width, *codebooks.shape, 1)
     codes, err = reference.rq_encode(
         x.detach().cpu().numpy(), codebooks.detach().cpu().numpy(), beam_width=beam_width
     )
@@ -39,6 +79,8 @@ def _encode_reference(x, codebooks, beam_width):
 
 
 def _encode_cpu(x, codebooks, beam_width):
+    levels, k, d = codebooks.shape
+    _check_workspace(beam_width, levels, k, d, load_core().get_num_threads())
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
     codebooks = codebooks.contiguous()
@@ -140,8 +182,12 @@ _DECODERS = {
 
 def _rq_encode_impl(x: torch.Tensor, codebooks: torch.Tensor, beam_width: int, backend: str):
     if not capturing(x.device):
-        check_finite(x, "x")
-        check_finite(codebooks, "codebooks")
+        levels, _, d = codebooks.shape
+        bound = max_abs_value(d, levels)
+        why = (f"sqrt(FLT_MAX / D) / (L + 2) for D = {d}, L = {levels}: the float32 distances "
+               f"of the kernels must not overflow")
+        _check_magnitude(x, "x", bound, why)
+        _check_magnitude(codebooks, "codebooks", bound, why)
     unsupported = {} if beam_width == 1 else {
         "triton": f"encodes greedily only (beam_width=1); got beam_width={beam_width}: use "
                   f"backend='cuda' or 'cpu'"}
@@ -216,6 +262,29 @@ def _check_codebooks(codebooks: torch.Tensor) -> None:
         raise ValueError(f"codebooks must have L >= 1, K >= 1, D >= 1; got shape {list(codebooks.shape)}")
 
 
+def _check_beam_width(beam_width, levels: int, k: int) -> int:
+    """The beam width to run: min(beam_width, K^L), which must keep B·K below 2^31."""
+    asked = check_int(beam_width, "beam_width", 1)
+    beam = effective_beam_width(asked, k, levels)
+    if beam * k >= 2**31:
+        raise ValueError(f"beam_width * K must be < 2^31 (candidates are numbered in 32 bits); "
+                         f"got beam_width = {asked} (min(beam_width, K^L) = {beam}) with K = "
+                         f"{k}")
+    return beam
+
+
+def _check_workspace(beam: int, levels: int, k: int, d: int, threads: int) -> None:
+    """Per worker thread the C++ beam search holds residuals (twice), dot products and code
+    prefixes (twice) of max(1, 192 // B) rows of B beams (csrc/rq_cpu.cpp)."""
+    if beam == 1:
+        return
+    rows = max(1, 192 // beam)
+    kpad = -(-k // 8) * 8
+    per_thread = rows * beam * (4 * (2 * d + kpad + 2) + 16 * levels)
+    check_alloc(threads * per_thread, f"beam_width={beam} (after clamping to K^L) with D = {d}, "
+                f"K = {k}, L = {levels}: the beam search workspace of {threads} thread(s)")
+
+
 def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
               backend: str | None = None):
     """Residual-quantize the rows of ``x``.
@@ -244,6 +313,13 @@ def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
     residual error (ties: lexicographically smaller code tuple), return the best final one.
     Backends compute distances as ||r||^2 - 2<r, c> + ||c||^2 in float32, so they can
     disagree with the reference only where two candidates are within float32 rounding.
+
+    Limits (every backend, checked before any work): entries of ``x`` and ``codebooks`` must
+    be finite with magnitude at most ``max_abs_value(D, L)`` = sqrt(FLT_MAX / D) / (L + 2)
+    (about 1.9e17 for D = 256, L = 4), so the float32 distances cannot overflow. A beam wider
+    than K^L gives the codes of beam K^L (it is clamped); the clamped B must keep B·K below
+    2^31 (candidates are numbered in 32 bits) and its workspace within the machine's memory,
+    or ValueError says how much it would need.
     """
     x_t, was_numpy = as_tensor(x, "x")
     cb_t, _ = as_tensor(codebooks, "codebooks")
@@ -255,7 +331,7 @@ def rq_encode(x, codebooks, *, beam_width: int = 1, return_error: bool = False,
         raise ValueError(
             f"codebooks must have D = {x_t.shape[1]} (x's last dimension); got shape {list(cb_t.shape)}"
         )
-    beam_width = check_int(beam_width, "beam_width", 1)
+    beam_width = _check_beam_width(beam_width, cb_t.shape[0], cb_t.shape[1])
     codes, err = run_op(torch.ops.sigma_fast.rq_encode, _rq_encode_impl, x_t, cb_t, beam_width,
                         backend or "")
     if return_error:

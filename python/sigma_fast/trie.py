@@ -17,7 +17,9 @@ import torch
 from . import reference
 from ._backends import load_core
 from ._checks import (
+    as_id_tensor,
     as_tensor,
+    check_alloc,
     check_dtype,
     check_index_range,
     check_int,
@@ -26,7 +28,8 @@ from ._checks import (
     dtype_name,
     to_output,
 )
-from ._io import atomic_save_tensors, atomic_write_json, read_artifact_config
+from ._io import (Field, atomic_save_tensors, atomic_write_json, check_sha256,
+                  read_artifact_config)
 
 FORMAT = "sigma_fast.PrefixTrie"
 FORMAT_VERSION = 1
@@ -38,12 +41,25 @@ CONFIG_FILE = "trie_config.json"
 ARRAYS = ("level_offsets", "child_offsets", "child_tokens", "child_nodes", "node_parent",
           "item_begin", "item_end", "item_perm", "root_children")
 _SAVED = tuple(a for a in ARRAYS if a != "child_nodes")
+_FIELDS = {"num_items": Field("int", lo=1), "num_levels": Field("int", lo=1),
+           "num_nodes": Field("int", lo=1), "codebook_size": Field("int", lo=1),
+           "item_id_bound": Field("int", lo=1),
+           "nodes_per_level": Field("list", items="int", optional=True),
+           "tensors_sha256": Field("sha256")}
 
 
 def _check_nonnegative(t: torch.Tensor, name: str) -> None:
     if t.numel() and int(t.min()) < 0:
         where = (t < 0).nonzero()[0].tolist()
         raise IndexError(f"{name} must be >= 0; got {t[tuple(where)].item()} at index {where}")
+
+
+def _check_unique(ids: torch.Tensor, name: str) -> None:
+    s = np.sort(ids.numpy())
+    dup = np.nonzero(s[1:] == s[:-1])[0]
+    if len(dup):
+        raise ValueError(f"{name} must be unique (one id per item); got {int(s[dup[0]])} "
+                         f"{int((s == s[dup[0]]).sum())} times")
 
 
 def _codes_tensor(codes) -> torch.Tensor:
@@ -83,10 +99,11 @@ class PrefixTrie:
     Args:
         codes: int32 or int64 [N, L] (NumPy or torch; any row order; several rows may share a
             full code, e.g. before deduplication — they all sit under one leaf).
-        item_ids: int [N], the caller's id of each row (>= 0); default ``arange(N)``. Item masks
-            (``allowed_nodes``) are indexed by these ids.
+        item_ids: int [N], the caller's id of each row (>= 0, unique); default ``arange(N)``.
+            Item masks (``allowed_nodes``) are indexed by these ids.
         codebook_size: K; every code must lie in [0, K). Default: the largest code + 1. The
-            constrained beam step takes logits over exactly K codes.
+            constrained beam step takes logits over exactly K codes. The trie keeps a dense
+            int64 [K] table of the root's children, so 8 K bytes must fit in memory.
 
     Layout. Rows are sorted by code (stable: equal codes keep row order). Node ids go level by
     level: root = 0, then the depth-1 nodes in token order, the depth-2 nodes in (parent,
@@ -118,8 +135,12 @@ class PrefixTrie:
             if lo < 0:
                 _check_nonnegative(codes_t, "codes")
             codebook_size = hi + 1
+            check_alloc(8 * codebook_size, f"codes up to {hi} (codebook_size = {hi + 1}): the "
+                        f"trie's int64 [codebook_size] root table")
         else:
             codebook_size = check_int(codebook_size, "codebook_size", 1)
+            check_alloc(8 * codebook_size, f"codebook_size={codebook_size}: the trie's int64 "
+                        f"[codebook_size] root table")
             if lo < 0 or hi >= codebook_size:
                 check_index_range(codes_t, "codes", codebook_size)
         core = load_core()
@@ -130,13 +151,14 @@ class PrefixTrie:
         tensors = {name: torch.from_numpy(np.asarray(arrays[name])) for name in ARRAYS}
         id_bound = n
         if item_ids is not None:
-            ids, _ = as_tensor(item_ids, "item_ids")
+            ids = as_id_tensor(item_ids, "item_ids")
             check_dtype(ids, "item_ids", (torch.int32, torch.int64))
             if ids.dim() != 1 or ids.shape[0] != n:
                 raise ValueError(f"item_ids must be 1-d [N] with N = {n} (codes' rows); got shape "
                                  f"{list(ids.shape)}")
             ids = ids.detach().cpu().to(torch.int64)
             _check_nonnegative(ids, "item_ids")
+            _check_unique(ids, "item_ids")
             tensors["item_perm"] = ids[tensors["item_perm"]]
             id_bound = int(ids.max()) + 1
         self._init(tensors, num_items=n, num_levels=levels, codebook_size=codebook_size,
@@ -399,25 +421,21 @@ class PrefixTrie:
         from safetensors.torch import load as load_bytes
 
         directory, cfg_path, config = read_artifact_config(
-            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "a trie")
+            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "a trie", _FIELDS)
         ten_path = directory / TENSORS_FILE
-        meta = {}
-        for key in ("num_items", "num_levels", "num_nodes", "codebook_size", "item_id_bound"):
-            value = config.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{cfg_path}: {key} must be a positive int; got {value!r}")
-            meta[key] = value
-        if not ten_path.is_file():
-            raise FileNotFoundError(f"expected a safetensors file at {ten_path}; it does not exist")
-        data = ten_path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != config.get("tensors_sha256"):
-            raise ValueError(f"{ten_path}: checksum mismatch with {CONFIG_FILE} (the file is "
-                             f"corrupt or belongs to another save)")
+        meta = {k: config[k] for k in ("num_items", "num_levels", "num_nodes", "codebook_size",
+                                       "item_id_bound")}
+        data = check_sha256(ten_path, None, config["tensors_sha256"], cfg_path)
         try:
             tensors = load_bytes(data)
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types
             raise ValueError(f"{ten_path} is not a valid safetensors file: {exc}") from exc
         num_nodes = meta.pop("num_nodes")
+        co = tensors.get("child_offsets")
+        if co is None or list(co.shape) != [num_nodes + 1]:
+            raise ValueError(f"{cfg_path}: field 'num_nodes' ({num_nodes}) must match "
+                             f"{TENSORS_FILE}'s child_offsets [num_nodes + 1]; got "
+                             f"{None if co is None else list(co.shape)}")
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         tensors["child_nodes"] = torch.arange(1, num_nodes, dtype=torch.int64)
         _check_structure(tensors, num_nodes=num_nodes, where=str(ten_path), **meta)
@@ -470,8 +488,12 @@ def _check_structure(t: dict, *, num_items: int, num_levels: int, num_nodes: int
     if V > 1 and not bool(((b[1:] >= b[parent[1:]]) & (e[1:] <= e[parent[1:]])).all()):
         fail("a child's item range must lie inside its parent's")
     perm = t["item_perm"]
-    if int(perm.min()) < 0 or int(perm.max()) >= item_id_bound:
-        fail(f"item_perm must lie in [0, {item_id_bound})")
+    if int(perm.min()) < 0 or int(perm.max()) + 1 != item_id_bound:
+        fail(f"item_perm must lie in [0, item_id_bound) and reach item_id_bound - 1 = "
+             f"{item_id_bound - 1} (item_id_bound is the largest item id + 1); got ids in "
+             f"[{int(perm.min())}, {int(perm.max())}]")
+    if torch.unique(perm).numel() != n:
+        fail("item_perm must hold each item id once")
     rc = torch.full((K,), -1, dtype=torch.int64)
     rc[tok[: int(co[1])]] = torch.arange(1, int(co[1]) + 1)
     if not torch.equal(rc, t["root_children"]):

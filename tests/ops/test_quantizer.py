@@ -92,7 +92,7 @@ def test_load_rejects_corrupt_artifacts(tmp_path, data):
     with pytest.raises(FileNotFoundError, match="quantizer directory"):
         sf.ResidualQuantizer.load(tmp_path / "missing")
     (d / "codebooks.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
+    with pytest.raises(ValueError, match="checksum mismatch"):
         sf.ResidualQuantizer.load(d)
     rq.save(d)
     cfg = json.loads((d / "rq_config.json").read_text())

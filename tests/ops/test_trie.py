@@ -243,7 +243,7 @@ def test_load_rejects_truncated_and_missing_files(saved):
 @pytest.mark.parametrize("edit, words", [
     (lambda c: c.update(format="other"), "expected format"),
     (lambda c: c.update(format_version=99), "newer"),
-    (lambda c: c.update(num_nodes=-3), "num_nodes must be a positive int"),
+    (lambda c: c.update(num_nodes=-3), "field 'num_nodes' must be an int >= 1"),
     (lambda c: c.update(num_items=199), "item_perm must be int64 [199]"),
 ])
 def test_load_rejects_bad_configs(saved, edit, words):

@@ -1,6 +1,7 @@
 """SFT: the loss falls and the model learns the pattern; resumed training equals an
 uninterrupted run; two CPU processes under DDP stay in sync; checkpoints are atomic."""
 
+import json
 import os
 import socket
 import sys
@@ -66,8 +67,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(Stop):
         train_sigma(m2, train2, out_dir=tmp_path / "b" / "run", config=half, progress=False)
     m2.encode = encode
-    state = torch.load(tmp_path / "b" / "run" / "checkpoint" / "trainer_state.pt",
-                       weights_only=False)
+    state = json.loads((tmp_path / "b" / "run" / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 2
     _, m3, train3, _ = _fresh(tmp_path / "c")   # a new process would start from scratch
     train_sigma(m3, train3, out_dir=tmp_path / "b" / "run", config=cfg, progress=False)
@@ -140,7 +140,7 @@ def test_ddp_two_cpu_processes(tmp_path):
         torch.testing.assert_close(a[k], b[k], msg=k)   # gradients were averaged
         changed += not torch.equal(a[k], init[k])
     assert changed > 0
-    assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()   # rank 0 saved
+    assert (tmp_path / "run" / "checkpoint" / "trainer_state.json").is_file()   # rank 0 saved
 
 
 def test_resume_rejects_a_checkpoint_of_another_model(tmp_path):

@@ -117,6 +117,9 @@ def _cfg(args, *, need_run: bool = False) -> dict:
     from ..rec.pipeline import run_config
 
     run = Path(args.run)
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(f"--run {run} is a file; expected a run directory (a folder "
+                                 f"that holds config.toml and the stages' artifacts)")
     if need_run and not (run / "config.toml").is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no config.toml): run "
                                 f"`sigma-fast prepare --run {run}` (or `demo`) first")
@@ -458,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError, IndexError,
-            TypeError) as exc:
+    except (ValueError, OSError, ModuleNotFoundError, RuntimeError, IndexError, TypeError,
+            MemoryError) as exc:
         print(f"sigma-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

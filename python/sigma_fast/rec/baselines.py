@@ -19,14 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _threads
-from .._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from .._io import (Field, atomic_save_tensors, atomic_write_json, load_tensors,
+                   read_artifact_config, recorded_digests, sha256_file)
 
 __all__ = ["MostPopular", "SASRec"]
 
 _FORMAT = "sigma_fast.SASRec"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the config records the weights' SHA-256
 _CONFIG_FILE = "sasrec_config.json"
 _WEIGHTS_FILE = "sasrec.safetensors"
+_FIELDS = {"num_items": Field("int", lo=1), "dim": Field("int", lo=1),
+           "num_blocks": Field("int", lo=1), "num_heads": Field("int", lo=1),
+           "max_len": Field("int", lo=1), "dropout": Field("float", lo=0, hi=1),
+           "history": Field("list", optional=True)}
 
 
 def _check_top_n(top_n) -> int:
@@ -245,7 +250,10 @@ class SASRec(nn.Module):
         bar = tqdm(total=epochs * steps, desc="SASRec", unit="step", leave=False,
                    disable=(not progress) if progress is not None else None)
         best, best_state = -1.0, None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        from .determinism import deterministic
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                deterministic(device):
             torch.manual_seed(seed)  # dropout
             for epoch in range(epochs):
                 self.train()
@@ -358,22 +366,24 @@ class SASRec(nn.Module):
                             metadata={"format": _FORMAT})
         atomic_write_json(directory / _CONFIG_FILE, {
             "format": _FORMAT, "format_version": _FORMAT_VERSION, **self.config(),
-            "history": self.history})
+            "history": self.history,
+            "files_sha256": {_WEIGHTS_FILE: sha256_file(directory / _WEIGHTS_FILE)}})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *,
              device: str | torch.device = "cpu") -> "SASRec":
         directory, path, config = read_artifact_config(
-            directory, _CONFIG_FILE, _FORMAT, _FORMAT_VERSION, "a SASRec model")
+            directory, _CONFIG_FILE, _FORMAT, _FORMAT_VERSION, "a SASRec model", _FIELDS)
+        digest = recorded_digests(config, path, [_WEIGHTS_FILE], since=2)[_WEIGHTS_FILE]
         try:
-            model = cls(int(config["num_items"]), int(config["dim"]), int(config["num_blocks"]),
-                        int(config["num_heads"]), int(config["max_len"]),
-                        float(config["dropout"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            model = cls(config["num_items"], config["dim"], config["num_blocks"],
+                        config["num_heads"], config["max_len"], float(config["dropout"]))
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: malformed SASRec config: {exc}") from exc
         try:
-            model.load_state_dict(load_tensors(directory / _WEIGHTS_FILE))
+            model.load_state_dict(load_tensors(directory / _WEIGHTS_FILE, sha256=digest,
+                                               config_path=path))
         except RuntimeError as exc:
             raise ValueError(f"{directory / _WEIGHTS_FILE} does not match {path}: {exc}") from exc
         model.history = list(config.get("history", []))

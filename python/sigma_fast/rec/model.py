@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _hf
-from .._io import (atomic_directory, atomic_save_tensors, atomic_write_json, load_tensors,
-                  read_artifact_config)
+from .._io import (Field, atomic_directory, atomic_save_tensors, atomic_write_json,
+                   check_sha256, load_tensors, read_artifact_config, recorded_digests,
+                   sha256_file)
 from .tokenization import HybridItemTokenizer
 
 __all__ = ["SigmaConfig", "SigmaModel", "EncodedSample", "MODES", "PRESETS",
@@ -45,11 +46,16 @@ __all__ = ["SigmaConfig", "SigmaModel", "EncodedSample", "MODES", "PRESETS",
 
 MODES = ("sigma", "gr_id", "gr_sid")
 PRESETS = ("tiny", "smollm2-135m")
-FORMAT_VERSION = 1
+FORMAT = "sigma_fast.SigmaModel"
+FORMAT_VERSION = 2  # 2: sigma_model.json records the SHA-256 of every file it covers
 CONFIG_FILE = "sigma_model.json"
 HEADS_FILE = "heads.safetensors"
 BACKBONE_DIR = "backbone"
 ITEMS_DIR = "items"
+_FIELDS = {"mode": Field("str", choices=MODES), "backbone": Field("str"),
+           "tau": Field("float"), "nce_weight": Field("float", lo=0),
+           "hard_negatives": Field("int", lo=0), "max_history": Field("int", lo=1),
+           "sid_levels": Field("int", lo=1), "extra": Field("dict", optional=True)}
 
 
 @dataclass
@@ -146,10 +152,10 @@ def load_backbone(preset: str, *, num_layers: int | None = None, hidden_size: in
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"backbone must be one of {PRESETS} or a Hugging Face "
                                         f"model folder with config.json; got {preset!r}")
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder, **_hf.local_tokenizer_kwargs())
         with _hf.quiet():
             model = AutoModelForCausalLM.from_pretrained(
-                folder, **_hf.from_pretrained_kwargs(torch.float32))
+                folder, **_hf.local_model_kwargs(torch.float32))
         if num_layers is not None:
             layers = _decoder_layers(model)
             if not 1 <= num_layers <= len(layers):
@@ -416,8 +422,9 @@ class SigmaModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the whole model into ``directory`` (backbone + tokenizer as a
         ``save_pretrained`` folder, the hybrid item tokenizer with Proj&Fuse, the query head
-        and ``sigma_model.json``). The directory is assembled beside the target and renamed
-        into place, so a reader never sees a half-written model."""
+        and ``sigma_model.json``, which records the SHA-256 of every backbone file and of the
+        heads). The directory is assembled beside the target and renamed into place, so a
+        reader never sees a half-written model."""
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             with _hf.quiet():
@@ -427,29 +434,51 @@ class SigmaModel(nn.Module):
             atomic_save_tensors(tmp / HEADS_FILE,
                                 {f"query_head.{k}": v for k, v in
                                  self.query_head.state_dict().items()},
-                                metadata={"format": "sigma_fast.SigmaModel"})
-            atomic_write_json(tmp / CONFIG_FILE, {"format": "sigma_fast.SigmaModel",
-                                                  "format_version": FORMAT_VERSION,
-                                                  **asdict(self.config)})
+                                metadata={"format": FORMAT})
+            files = [HEADS_FILE] + _backbone_files(tmp)
+            atomic_write_json(tmp / CONFIG_FILE, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.config),
+                "files_sha256": {f: sha256_file(tmp / f) for f in files}})
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device=None) -> "SigmaModel":
+        """Load a model written by :meth:`save_pretrained`. Reads JSON, text tokenizer files
+        and safetensors only (never a pickle, never code from the folder): every field of
+        ``sigma_model.json`` is checked, every file of ``backbone/`` and the heads must match
+        the SHA-256 it records (and ``backbone/`` may hold no other file), and the item
+        tokenizer is verified by :meth:`HybridItemTokenizer.load`."""
         _hf.offline()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        directory, path, cfg = read_artifact_config(directory, CONFIG_FILE,
-                                                    "sigma_fast.SigmaModel", FORMAT_VERSION,
-                                                    "a SIGMA model")
+        directory, path, cfg = read_artifact_config(directory, CONFIG_FILE, FORMAT,
+                                                    FORMAT_VERSION, "a SIGMA model", _FIELDS)
         fields = {k: v for k, v in cfg.items() if k in SigmaConfig.__dataclass_fields__}
-        config = SigmaConfig(**fields)
-        tok = AutoTokenizer.from_pretrained(directory / BACKBONE_DIR)
+        try:
+            config = SigmaConfig(**fields).check()
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        present = [HEADS_FILE] + _backbone_files(directory)
+        recorded = cfg.get("files_sha256")
+        listed = sorted(recorded) if isinstance(recorded, dict) else present
+        digests = recorded_digests(cfg, path, listed, since=2)
+        if recorded is not None:
+            extra = sorted(set(present) - set(listed))
+            if extra:
+                raise ValueError(f"{directory}: {extra} are not part of the saved model (not in "
+                                 f"{CONFIG_FILE}'s files_sha256); remove them")
+            for name in listed:
+                if name != HEADS_FILE:
+                    check_sha256(directory / name, None, digests[name], path)
+        tok = AutoTokenizer.from_pretrained(directory / BACKBONE_DIR,
+                                            **_hf.local_tokenizer_kwargs())
         with _hf.quiet():
             backbone = AutoModelForCausalLM.from_pretrained(
-                directory / BACKBONE_DIR, **_hf.from_pretrained_kwargs(torch.float32))
+                directory / BACKBONE_DIR, **_hf.local_model_kwargs(torch.float32))
         items = HybridItemTokenizer.load(directory / ITEMS_DIR)
         model = cls(backbone, tok, items, config)
-        heads = load_tensors(directory / HEADS_FILE)
+        heads = load_tensors(directory / HEADS_FILE, sha256=digests.get(HEADS_FILE),
+                             config_path=path)
         state = {k[len("query_head."):]: v for k, v in heads.items()
                  if k.startswith("query_head.")}
         try:
@@ -459,3 +488,11 @@ class SigmaModel(nn.Module):
                              f"{exc}") from exc
         model.eval()
         return model.to(device) if device is not None else model
+
+
+def _backbone_files(directory: Path) -> list[str]:
+    """Every file under ``directory/backbone`` (the LM and its tokenizer), as relative paths."""
+    root = directory / BACKBONE_DIR
+    if not root.is_dir():
+        raise FileNotFoundError(f"expected the backbone folder {root}; it does not exist")
+    return sorted(p.relative_to(directory).as_posix() for p in root.rglob("*") if p.is_file())

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_save_npy, atomic_write_bytes, atomic_write_json
+from .._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, load_npy
 
 __all__ = ["DEFAULTS", "VARIANTS", "BASELINES", "load_config", "write_config", "prepare",
            "ground", "tokenize", "train", "evaluate", "load_variant", "request_builder",
@@ -129,11 +129,21 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise FileNotFoundError(f"config file {path} does not exist"
+                                    + (" (it is a directory)" if path.is_dir() else ""))
         try:
-            cfg = _merge(cfg, tomllib.loads(path.read_text()))
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not a TOML file: byte {exc.start} is not valid UTF-8 "
+                             f"({exc.reason})") from None
+        try:
+            table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+        try:
+            cfg = _merge(cfg, table)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     if overrides:
         cfg = _merge(cfg, overrides)
     for v in cfg["train"]["variants"] + cfg["eval"]["variants"]:
@@ -278,11 +288,11 @@ def tokenize(run_dir, cfg: dict, variants=None) -> dict:
     gdir = _require(run_dir / "grounding" / "grounded.npy", "ground").parent
     tk = cfg["tokenizer"]
     names = sorted({_tokenizer_name(v) for v in (variants or cfg["train"]["variants"])})
-    id_emb = np.load(gdir / "id_embeddings.npy")
+    id_emb = load_npy(gdir / "id_embeddings.npy")
     reports = {}
     for name in names:
         source = "text_features" if name.startswith("raw") else "grounded"
-        x = np.load(gdir / f"{source}.npy")
+        x = load_npy(gdir / f"{source}.npy")
         tok = HybridItemTokenizer(tk["num_levels"], tk["codebook_size"] or None,
                                   prefix_len=int(name[-1]), iters=tk["iters"])
         tok.fit(x, id_embeddings=id_emb, seed=tk["seed"])
@@ -416,8 +426,9 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
     if folder.is_dir():
         try:
             model = SASRec.load(folder)
-        except (FileNotFoundError, ValueError):
-            model = None  # retrained below
+        except (FileNotFoundError, ValueError) as exc:
+            _say(f"[evaluate] retraining SASRec: the saved one cannot be used ({exc})")
+            model = None
     if model is None:
         model = SASRec(ds.num_items, max_len=cfg["data"]["max_history"])
         model.fit(ds, epochs=cfg["eval"]["sasrec_epochs"], seed=cfg["train"]["seed"],

@@ -24,20 +24,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from .._io import (Field, atomic_save_tensors, atomic_write_json, check_fields, load_tensors,
+                   read_artifact_config, recorded_digests, sha256_file)
 from ..quantizer import ResidualQuantizer
 from ..rq import dedup_codes
 from ..sid_vocab import SIDVocab, sid_token
 
 __all__ = ["HybridItemTokenizer", "ProjFuse", "default_codebook_size"]
 
-FORMAT_VERSION = 1
+FORMAT = "sigma_fast.HybridItemTokenizer"
+FORMAT_VERSION = 2  # 2: the config records the SHA-256 of the tensor files
 CONFIG_FILE = "hybrid_tokenizer.json"
 RQ_DIR = "rq"
 TABLES_FILE = "item_tables.safetensors"
 PROJ_FUSE_FILE = "proj_fuse.safetensors"
 QUERY_TOKEN = "<q>"
 ITEM_TOKEN = "<item>"
+_FIELDS = {
+    "num_levels": Field("int", lo=1), "codebook_size": Field("int", lo=1),
+    "prefix_len": Field("int", lo=1), "beam_width": Field("int", lo=1, optional=True),
+    "iters": Field("int", lo=0, optional=True), "num_items": Field("int", lo=1),
+    "tables": Field("list", items="str", lo=1), "proj_fuse": Field("dict", nullable=True),
+    "token_ids": Field("dict", nullable=True, optional=True),
+    "query_token": Field("str", choices=(QUERY_TOKEN,), optional=True),
+    "item_token": Field("str", choices=(ITEM_TOKEN,), optional=True),
+}
+_PROJ_FUSE_FIELDS = {"input_dims": Field("list", items="int", lo=1),
+                     "hidden_size": Field("int", lo=1), "mlp_hidden": Field("int", lo=1)}
+_TOKEN_ID_FIELDS = {"sid": Field("list", lo=1), "query": Field("int", lo=0),
+                    "item": Field("int", lo=0)}
 
 
 def default_codebook_size(num_items: int, *, target_bucket: int = 64, lo: int = 8,
@@ -298,20 +313,22 @@ class HybridItemTokenizer:
     # ---------------------------------------------------------------------- persistence
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the quantizer (``rq/``), the item codes and frozen tables, the Proj&Fuse weights
-        (when built) and ``hybrid_tokenizer.json``; each file is replaced atomically and the
-        config, which names the rest, is written last."""
+        (when built) and ``hybrid_tokenizer.json`` (with the SHA-256 of each tensor file); each
+        file is replaced atomically and the config, which names the rest, is written last."""
         codes = self._require_fitted()
         directory = Path(directory)
         self.rq.save(directory / RQ_DIR)
         atomic_save_tensors(directory / TABLES_FILE,
                             {"codes": torch.from_numpy(codes),
                              **{f"table.{k}": v for k, v in self.tables.items()}},
-                            metadata={"format": "sigma_fast.HybridItemTokenizer"})
+                            metadata={"format": FORMAT})
+        files = [TABLES_FILE]
         if self.proj_fuse is not None:
             atomic_save_tensors(directory / PROJ_FUSE_FILE, self.proj_fuse.state_dict(),
                                 metadata={"format": "sigma_fast.ProjFuse"})
+            files.append(PROJ_FUSE_FILE)
         config = {
-            "format": "sigma_fast.HybridItemTokenizer",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "num_levels": self.num_levels,
             "codebook_size": self.codebook_size,
@@ -327,26 +344,39 @@ class HybridItemTokenizer:
             "token_ids": self.token_ids,
             "query_token": QUERY_TOKEN,
             "item_token": ITEM_TOKEN,
+            "files_sha256": {f: sha256_file(directory / f) for f in files},
         }
         atomic_write_json(directory / CONFIG_FILE, config)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HybridItemTokenizer":
+        """Read a tokenizer written by ``save``: every field of ``hybrid_tokenizer.json`` is
+        checked (types, ranges), each tensor file must match its recorded SHA-256, and codes,
+        tables and Proj&Fuse weights must have the shapes and ranges the config states;
+        anything else raises ValueError naming the file and the field."""
         directory, path, config = read_artifact_config(
-            directory, CONFIG_FILE, "sigma_fast.HybridItemTokenizer", FORMAT_VERSION,
-            "a hybrid item tokenizer")
+            directory, CONFIG_FILE, FORMAT, FORMAT_VERSION, "a hybrid item tokenizer", _FIELDS)
+        pf = config["proj_fuse"]
+        if pf is not None:
+            check_fields(pf, _PROJ_FUSE_FIELDS, f"{path} (field 'proj_fuse')")
+        if config.get("token_ids") is not None:
+            _check_token_ids(config["token_ids"], path)
         try:
             tok = cls(config["num_levels"], config["codebook_size"], config["prefix_len"],
                       beam_width=config.get("beam_width", 1), iters=config.get("iters", 20))
-            names, n = list(config["tables"]), int(config["num_items"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: malformed hybrid tokenizer config: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        names, n = list(config["tables"]), config["num_items"]
+        files = [TABLES_FILE] + ([PROJ_FUSE_FILE] if pf is not None else [])
+        digests = recorded_digests(config, path, files, since=2)
         tok.rq = ResidualQuantizer.load(directory / RQ_DIR)
-        tensors = load_tensors(directory / TABLES_FILE)
-        missing = [k for k in ["codes", *(f"table.{t}" for t in names)] if k not in tensors]
-        if missing:
-            raise ValueError(f"{directory / TABLES_FILE}: missing tensors {missing}")
+        tensors = load_tensors(directory / TABLES_FILE, sha256=digests[TABLES_FILE],
+                               config_path=path)
+        want = ["codes", *(f"table.{t}" for t in names)]
+        if sorted(tensors) != sorted(want):
+            raise ValueError(f"{directory / TABLES_FILE}: expected tensors {sorted(want)} (from "
+                             f"{CONFIG_FILE}); got {sorted(tensors)}")
         codes = tensors["codes"]
         if (codes.dtype != torch.int64 or list(codes.shape) != [n, tok.num_levels]
                 or tok.rq.num_levels != tok.num_levels
@@ -354,16 +384,27 @@ class HybridItemTokenizer:
             raise ValueError(f"{directory}: codes {str(codes.dtype)} {list(codes.shape)} and "
                              f"quantizer {tok.rq} do not match the config ({n} items, "
                              f"{tok.num_levels} levels of {tok.codebook_size})")
+        if int(codes.min()) < 0 or int(codes.max()) >= tok.codebook_size:
+            raise ValueError(f"{directory / TABLES_FILE}: codes must lie in [0, "
+                             f"{tok.codebook_size}) (codebook_size in {CONFIG_FILE}); got "
+                             f"values in [{int(codes.min())}, {int(codes.max())}]")
         tok.codes = codes.numpy()
         tok.tables = {t: tensors[f"table.{t}"] for t in names}
         for t, v in tok.tables.items():
-            if v.dim() != 2 or v.shape[0] != n:
-                raise ValueError(f"{directory / TABLES_FILE}: table {t!r} must be [{n}, dim]; "
-                                 f"got {list(v.shape)}")
-        pf = config.get("proj_fuse")
+            if v.dtype != torch.float32 or v.dim() != 2 or v.shape[0] != n or v.shape[1] < 1:
+                raise ValueError(f"{directory / TABLES_FILE}: table {t!r} must be float32 "
+                                 f"[{n}, dim]; got {str(v.dtype)} {list(v.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{directory / TABLES_FILE}: table {t!r} must be finite")
         if pf is not None:
+            if len(pf["input_dims"]) != len(names) or pf["input_dims"] != \
+                    [int(v.shape[1]) for v in tok.tables.values()]:
+                raise ValueError(f"{path}: field 'proj_fuse' input_dims {pf['input_dims']} must "
+                                 f"be the widths of the tables {names}: "
+                                 f"{[int(v.shape[1]) for v in tok.tables.values()]}")
             tok.proj_fuse = ProjFuse(pf["input_dims"], pf["hidden_size"], pf["mlp_hidden"])
-            state = load_tensors(directory / PROJ_FUSE_FILE)
+            state = load_tensors(directory / PROJ_FUSE_FILE, sha256=digests[PROJ_FUSE_FILE],
+                                 config_path=path)
             try:
                 tok.proj_fuse.load_state_dict(state)
             except RuntimeError as exc:
@@ -371,3 +412,12 @@ class HybridItemTokenizer:
                                  f"config in {path}: {exc}") from exc
         tok.token_ids = config.get("token_ids")
         return tok
+
+
+def _check_token_ids(token_ids: dict, path: Path) -> None:
+    where = f"{path} (field 'token_ids')"
+    check_fields(token_ids, _TOKEN_ID_FIELDS, where)
+    for level, ids in enumerate(token_ids["sid"]):
+        if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{where}: sid[{level}] must be a list of token ids (ints >= 0)")

@@ -5,7 +5,13 @@ accumulation, gradient clipping, batches mixing every task, periodic validation 
 model's own generation, and a checkpoint (model + optimizer + schedule + step) written atomically
 every ``save_every`` steps and at the end; ``resume=True`` continues from it and gives the same
 weights as an uninterrupted run (batches and hard negatives are drawn from generators seeded by
-(seed, step)).
+(seed, step)). Training runs under :func:`~sigma_fast.rec.determinism.deterministic`, so two
+runs of the same configuration give bit-identical weights on the same machine.
+
+A checkpoint holds only tensors and JSON (``model/`` as ``save_pretrained``,
+``trainer_state.safetensors`` with the model, optimizer and RNG tensors, ``trainer_state.json``
+with the step, schedule, optimizer settings, history and the tensors' SHA-256): loading it never
+runs code, whoever wrote the run directory.
 
 Runs unchanged under ``torchrun``: with ``WORLD_SIZE`` > 1 it joins the process group (gloo for
 a CPU model, NCCL for a CUDA one), wraps the model in DistributedDataParallel and gives each rank
@@ -17,6 +23,7 @@ its own share of every step's batch; rank 0 validates and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -26,12 +33,18 @@ from pathlib import Path
 import torch
 
 from .. import _threads
-from .._io import atomic_directory, atomic_write_json
+from .._io import (Field, atomic_directory, atomic_save_tensors, atomic_write_json,
+                   load_tensors, read_artifact_config, sha256_file)
+from .determinism import deterministic
 
 __all__ = ["TrainConfig", "train_sigma", "hit_rate"]
 
 CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "trainer_state.pt"
+STATE_FORMAT = "sigma_fast.TrainerState"
+STATE_VERSION = 1
+STATE_FILE = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"  # torch.save pickles of older versions: never loaded
 
 
 @dataclass
@@ -119,13 +132,134 @@ def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, hist
     final = out_dir / CHECKPOINT_DIR
     with atomic_directory(final) as tmp:
         model.save_pretrained(tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "history": history, "config": asdict(config),
-                    "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                   tmp / STATE_FILE)
+        tensors, opt_json = _state_tensors(model, optimizer)
+        atomic_save_tensors(tmp / STATE_TENSORS, tensors, metadata={"format": STATE_FORMAT})
+        atomic_write_json(tmp / STATE_FILE, {
+            "format": STATE_FORMAT, "format_version": STATE_VERSION, "step": step,
+            "history": history, "config": asdict(config), "scheduler": scheduler.state_dict(),
+            "optimizer": opt_json, "tensors_sha256": sha256_file(tmp / STATE_TENSORS)})
         atomic_write_json(tmp / "progress.json", {"step": step, "steps": config.steps,
                                                   "history": history})
     return final
+
+
+def _state_tensors(model, optimizer) -> tuple[dict, dict]:
+    """(tensors, JSON) of the trainer state: the model's weights ("model.<name>"), every
+    optimizer state tensor ("optimizer.<param>.<key>") and the RNG states ("rng.cpu",
+    "rng.cuda.<i>") as tensors; the optimizer's parameter groups and non-tensor state as JSON.
+    Tensors are copied (tied weights share storage, which safetensors refuses)."""
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict = {}
+    for pid, entry in opt["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().clone()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if next(model.parameters()).is_cuda:
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    return tensors, {"param_groups": opt["param_groups"], "state": scalars}
+
+
+_STATE_FIELDS = {
+    "step": Field("int", lo=0), "history": Field("list"), "config": Field("dict"),
+    "scheduler": Field("dict"), "optimizer": Field("dict"), "tensors_sha256": Field("sha256"),
+}
+
+
+def _load_checkpoint(out_dir: Path, model, optimizer, scheduler, config: TrainConfig):
+    """(step, history) of the checkpoint in ``out_dir``, with the model, optimizer, scheduler
+    and RNG restored from it; (0, []) when there is none. Reads JSON and safetensors only."""
+    ckpt = out_dir / CHECKPOINT_DIR
+    state_path = ckpt / STATE_FILE
+    if not state_path.is_file():
+        if (ckpt / LEGACY_STATE_FILE).is_file():
+            raise ValueError(
+                f"{ckpt / LEGACY_STATE_FILE} is a checkpoint in the old torch.save format (a "
+                f"pickle, which sigma_fast never loads: unpickling a file can run arbitrary "
+                f"code); delete {ckpt} to train from scratch (or pass resume=False), or retrain "
+                f"the run")
+        return 0, []
+    _, path, state = read_artifact_config(ckpt, STATE_FILE, STATE_FORMAT, STATE_VERSION,
+                                          "a training checkpoint", _STATE_FIELDS)
+    saved = state["config"]
+    if saved.get("steps") != config.steps or saved.get("batch_size") != config.batch_size:
+        raise ValueError(f"{path}: the checkpoint was made with steps={saved.get('steps')}, "
+                         f"batch_size={saved.get('batch_size')}; got {config.steps}, "
+                         f"{config.batch_size} (use a new out_dir or resume=False)")
+    if state["step"] > config.steps:
+        raise ValueError(f"{path}: field 'step' must be in [0, {config.steps}]; got "
+                         f"{state['step']}")
+    tensors = load_tensors(ckpt / STATE_TENSORS, sha256=state["tensors_sha256"],
+                           config_path=path)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{ckpt / STATE_TENSORS}: the checkpoint does not match this model (a "
+                         f"different backbone, vocabulary or variant?); delete {ckpt} or pass "
+                         f"resume=False. Details: {str(exc)[:300]}") from exc
+    _restore_optimizer(optimizer, state["optimizer"], tensors, ckpt / STATE_TENSORS, path)
+    try:
+        scheduler.load_state_dict(dict(state["scheduler"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: malformed field 'scheduler': {exc}") from exc
+    _restore_rng(tensors, ckpt / STATE_TENSORS)
+    return state["step"], list(state["history"])
+
+
+def _restore_optimizer(optimizer, saved: dict, tensors: dict, tensor_path: Path,
+                       path: Path) -> None:
+    groups, scalars = saved.get("param_groups"), saved.get("state", {})
+    current = optimizer.state_dict()["param_groups"]
+    if (not isinstance(groups, list) or not isinstance(scalars, dict)
+            or len(groups) != len(current)
+            or any(not isinstance(g, dict) or g.get("params") != c["params"]
+                   for g, c in zip(groups, current))):
+        raise ValueError(f"{path}: field 'optimizer' does not describe this model's optimizer "
+                         f"(parameter groups {[c['params'][:3] for c in current]}...)")
+    groups = [{k: tuple(v) if isinstance(c.get(k), tuple) and isinstance(v, list) else v
+               for k, v in g.items()} for g, c in zip(groups, current)]
+    params = {pid: p for group, pg in zip(current, optimizer.param_groups)
+              for pid, p in zip(group["params"], pg["params"])}
+    state: dict = {}
+    for name, value in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        pid_text, _, key = name[len("optimizer."):].partition(".")
+        pid = int(pid_text) if pid_text.isdigit() else -1
+        if pid not in params or not key:
+            raise ValueError(f"{tensor_path}: tensor {name!r} names no parameter of this "
+                             f"model's optimizer")
+        if value.dim() and value.shape != params[pid].shape:
+            raise ValueError(f"{tensor_path}: tensor {name!r} must have the shape of parameter "
+                             f"{pid}, {list(params[pid].shape)}; got {list(value.shape)}")
+        state.setdefault(pid, {})[key] = value
+    for pid_text, entry in scalars.items():
+        if not (pid_text.isdigit() and int(pid_text) in params and isinstance(entry, dict)):
+            raise ValueError(f"{path}: field 'optimizer' has state for unknown parameter "
+                             f"{pid_text!r}")
+        state.setdefault(int(pid_text), {}).update(entry)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: malformed optimizer state: {exc}") from exc
+
+
+def _restore_rng(tensors: dict, tensor_path: Path) -> None:
+    cpu = tensors.get("rng.cpu")
+    now = torch.get_rng_state()
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != now.shape:
+        raise ValueError(f"{tensor_path}: expected tensor 'rng.cpu' (uint8 {list(now.shape)}, "
+                         f"torch's CPU generator state)")
+    torch.set_rng_state(cpu)
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                  key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
 def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = None,
@@ -135,7 +269,9 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
 
     Returns the history: one dict per validation ({"step", "loss", "ntp", "nce", "hr@10",
     "samples_per_s"}). ``out_dir/checkpoint`` holds the latest checkpoint (``model/`` as
-    ``save_pretrained`` + ``trainer_state.pt``); with ``resume`` training continues from it.
+    ``save_pretrained`` + ``trainer_state.json`` / ``.safetensors``); with ``resume`` training
+    continues from it. A checkpoint of the old ``trainer_state.pt`` format (a pickle) is refused,
+    never loaded.
     """
     from tqdm.auto import tqdm
 
@@ -148,25 +284,8 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
                                   lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     step, history = 0, []
-    state_path = out_dir / CHECKPOINT_DIR / STATE_FILE
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["config"]["steps"] != config.steps or \
-                state["config"]["batch_size"] != config.batch_size:
-            raise ValueError(f"{state_path}: the checkpoint was made with steps="
-                             f"{state['config']['steps']}, batch_size="
-                             f"{state['config']['batch_size']}; got {config.steps}, "
-                             f"{config.batch_size} (use a new out_dir or resume=False)")
-        try:
-            model.load_state_dict(state["model_state"])
-        except RuntimeError as exc:
-            raise ValueError(f"{state_path}: the checkpoint does not match this model (a "
-                             f"different backbone, vocabulary or variant?); delete "
-                             f"{out_dir / CHECKPOINT_DIR} or pass resume=False. Details: "
-                             f"{str(exc)[:300]}") from exc
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history = int(state["step"]), list(state["history"])
+    if resume:
+        step, history = _load_checkpoint(out_dir, model, optimizer, scheduler, config)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -182,6 +301,10 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
     model.train()
     run = {"loss": 0.0, "ntp": 0.0, "nce": 0.0, "n": 0}
     t0, seen = time.perf_counter(), 0
+    # Deterministic kernels for the whole loop (entered here, not as a `with`, to leave the
+    # loop's body as it is).
+    determinism = contextlib.ExitStack()
+    determinism.enter_context(deterministic(next(model.parameters()).device))
     try:
         while step < config.steps:
             _threads.adapt()  # thread counts follow the free CPUs (shared cores)
@@ -222,6 +345,7 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
             if rank == 0 and (last or (config.save_every and step % config.save_every == 0)):
                 _save_checkpoint(out_dir, model, optimizer, scheduler, step, history, config)
     finally:
+        determinism.close()
         bar.close()
         if created_group:
             import torch.distributed as dist

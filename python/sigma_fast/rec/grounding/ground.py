@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from ..._io import (Field, atomic_save_tensors, atomic_write_json, load_tensors,
+                    read_artifact_config, recorded_digests, sha256_file)
 from ..data.dataset import RecDataset
 from .metrics import agreement_report
 from .teacher import train_bpr
@@ -30,9 +31,10 @@ from .tower import TextTower, train_text_tower
 from .views import attribute_pairs, co_interaction_pairs, merge_views, neighbour_pairs
 
 _FORMAT = "sigma_fast.GroundingResult"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the config records the embeddings' SHA-256
 _CONFIG_FILE = "grounding_result.json"
 _ARRAYS_FILE = "embeddings.safetensors"
+_FIELDS = {"agreement": Field("dict"), "k": Field("int", lo=1)}
 
 
 @dataclass
@@ -62,22 +64,30 @@ class GroundingResult:
                              for k, v in arrays.items()}, metadata={"format": _FORMAT})
         atomic_write_json(directory / _CONFIG_FILE, {
             "format": _FORMAT, "format_version": _FORMAT_VERSION,
-            "agreement": self.agreement, "k": self.k})
+            "agreement": self.agreement, "k": self.k,
+            "files_sha256": {_ARRAYS_FILE: sha256_file(directory / _ARRAYS_FILE)}})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device="cpu") -> "GroundingResult":
         directory, path, config = read_artifact_config(
-            directory, _CONFIG_FILE, _FORMAT, _FORMAT_VERSION, "a grounding result")
+            directory, _CONFIG_FILE, _FORMAT, _FORMAT_VERSION, "a grounding result", _FIELDS)
+        digest = recorded_digests(config, path, [_ARRAYS_FILE], since=2)[_ARRAYS_FILE]
         tower = TextTower.load(directory / "tower", device=device)
-        arrays = {k: v.numpy() for k, v in load_tensors(directory / _ARRAYS_FILE).items()}
-        try:
-            return cls(model=tower.head, grounded=arrays["grounded"],
-                       id_embeddings=arrays["id_embeddings"],
-                       agreement=dict(config["agreement"]), k=int(config["k"]),
-                       text_features=arrays.get("text_features"), tower=tower)
-        except KeyError as exc:
-            raise ValueError(f"{directory}: incomplete grounding result, missing {exc}") from exc
+        tensors = load_tensors(directory / _ARRAYS_FILE, sha256=digest, config_path=path)
+        for name in ("grounded", "id_embeddings"):
+            if name not in tensors:
+                raise ValueError(f"{directory / _ARRAYS_FILE}: incomplete grounding result, "
+                                 f"missing tensor {name!r}")
+        n = tensors["grounded"].shape[0]
+        for name, t in tensors.items():
+            if t.dtype.is_floating_point is False or t.dim() != 2 or t.shape[0] != n:
+                raise ValueError(f"{directory / _ARRAYS_FILE}: {name} must be a float [{n}, "
+                                 f"dim] table; got {str(t.dtype)} {list(t.shape)}")
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        return cls(model=tower.head, grounded=arrays["grounded"],
+                   id_embeddings=arrays["id_embeddings"], agreement=dict(config["agreement"]),
+                   k=config["k"], text_features=arrays.get("text_features"), tower=tower)
 
 
 def training_interactions(ds: RecDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

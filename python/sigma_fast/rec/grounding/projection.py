@@ -12,15 +12,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _threads
-from ..._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from ..._io import (Field, atomic_save_tensors, atomic_write_json, load_tensors,
+                    read_artifact_config, recorded_digests, sha256_file)
 from .losses import info_nce_loss, kd_loss
 
 __all__ = ["GroundingModel", "train_grounding"]
 
 _FORMAT = "sigma_fast.GroundingModel"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the config records the weights' SHA-256
 _CONFIG_FILE = "grounding_config.json"
 _WEIGHTS_FILE = "grounding.safetensors"
+_FIELDS = {"in_dim": Field("int", lo=1), "dim": Field("int", lo=1),
+           "hidden": Field("int", lo=1, nullable=True, optional=True),
+           "history": Field("list", optional=True)}
 
 
 class GroundingModel(nn.Module):
@@ -57,19 +61,19 @@ class GroundingModel(nn.Module):
                             metadata={"format": _FORMAT})
         atomic_write_json(directory / _CONFIG_FILE, {
             "format": _FORMAT, "format_version": _FORMAT_VERSION, "in_dim": self.in_dim,
-            "dim": self.dim, "hidden": self.hidden, "history": self.history})
+            "dim": self.dim, "hidden": self.hidden, "history": self.history,
+            "files_sha256": {_WEIGHTS_FILE: sha256_file(directory / _WEIGHTS_FILE)}})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "GroundingModel":
         directory, path, config = read_artifact_config(
-            directory, _CONFIG_FILE, _FORMAT, _FORMAT_VERSION, "a grounding model")
+            directory, _CONFIG_FILE, _FORMAT, _FORMAT_VERSION, "a grounding model", _FIELDS)
+        digest = recorded_digests(config, path, [_WEIGHTS_FILE], since=2)[_WEIGHTS_FILE]
+        model = cls(config["in_dim"], config["dim"], config.get("hidden"))
         try:
-            model = cls(int(config["in_dim"]), int(config["dim"]), config.get("hidden"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: malformed grounding config: {exc}") from exc
-        try:
-            model.load_state_dict(load_tensors(directory / _WEIGHTS_FILE))
+            model.load_state_dict(load_tensors(directory / _WEIGHTS_FILE, sha256=digest,
+                                               config_path=path))
         except RuntimeError as exc:
             raise ValueError(f"{directory / _WEIGHTS_FILE} does not match {path}: {exc}") from exc
         model.history = list(config.get("history", []))
@@ -110,8 +114,11 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
     items are embedded once by ``encode(idx) -> v_text [len(idx), dim]`` and the loss is
     ``L_CL(v_a, v_b) + lam * L_KD``. An epoch visits ``pairs_per_epoch`` pairs (default: P),
     drawn in proportion to ``w`` with replacement, or without weights the first ones of a seeded
-    permutation. Per-epoch mean losses go to ``history``."""
+    permutation. Per-epoch mean losses go to ``history``. Runs under
+    :func:`~sigma_fast.rec.determinism.deterministic` (bit-reproducible for a seed)."""
     from tqdm.auto import tqdm
+
+    from ..determinism import deterministic
 
     ids = ids.to(device) if ids is not None else None
     total = len(pr_t)
@@ -121,6 +128,16 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
                disable=(not progress) if progress is not None else None)
     for m in modules:
         m.train()
+    with deterministic(device):
+        _fit_epochs(encode, optimizer, pr_t, ids, total, p, epochs, batch_size, tau, lam, gen,
+                    history, device, w, bar)
+    bar.close()
+    for m in modules:
+        m.eval()
+
+
+def _fit_epochs(encode, optimizer, pr_t, ids, total, p, epochs, batch_size, tau, lam, gen,
+                history, device, w, bar):
     for epoch in range(len(history), len(history) + epochs):
         order = (torch.randperm(total, generator=gen)[:p] if w is None
                  else torch.multinomial(w, p, replacement=True, generator=gen))
@@ -150,9 +167,6 @@ def fit(encode, modules: list[nn.Module], optimizer, pr_t: torch.Tensor, ids, w,
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         history.append({"epoch": epoch, **sums})
-    bar.close()
-    for m in modules:
-        m.eval()
 
 
 def train_grounding(features, pairs, id_embeddings=None, *, weights=None, dim: int = 64,

@@ -23,9 +23,12 @@ def train_bpr(users, items, *, num_users: int | None = None, num_items: int | No
     Each epoch visits every interaction once in a seeded random order, with one uniformly drawn
     negative item per positive (redrawn once if it is one of the user's positives), and minimises
     ``-log sigmoid(<p_u, q_i> - <p_u, q_j>) + l2 * (|p_u|^2 + |q_i|^2 + |q_j|^2)`` with Adam.
-    Deterministic for a seed on a given machine (CPU).
+    Bit-reproducible for a seed on a given machine (runs under
+    :func:`~sigma_fast.rec.determinism.deterministic`).
     """
     from tqdm.auto import tqdm
+
+    from ..determinism import deterministic
 
     users = as_index_array(users, "users")
     items = as_index_array(items, "items")
@@ -44,6 +47,13 @@ def train_bpr(users, items, *, num_users: int | None = None, num_items: int | No
     steps = epochs * ((m + batch_size - 1) // batch_size)
     bar = tqdm(total=steps, desc="BPR", unit="step", leave=False,
                disable=(not progress) if progress is not None else None)
+    with deterministic():
+        _bpr_epochs(p, q, opt, u_t, i_t, positives, ni, m, epochs, batch_size, l2, gen, bar)
+    bar.close()
+    return q.detach().numpy().astype(np.float32)
+
+
+def _bpr_epochs(p, q, opt, u_t, i_t, positives, ni, m, epochs, batch_size, l2, gen, bar):
     for _ in range(epochs):
         perm = torch.randperm(m, generator=gen)
         for start in range(0, m, batch_size):
@@ -64,5 +74,3 @@ def train_bpr(users, items, *, num_users: int | None = None, num_items: int | No
             opt.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    bar.close()
-    return q.detach().numpy().astype(np.float32)

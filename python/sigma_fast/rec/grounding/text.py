@@ -108,10 +108,10 @@ def load_lm(encoder: str | os.PathLike = "smollm2", *, pooling: str | None = Non
     if pooling is not None:
         _check_pooling(pooling)
     folder = encoder_dir(encoder)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     pooling = pooling or _default_pooling(str(encoder), config)
     tok = load_tokenizer(encoder, pooling)
-    model = AutoModel.from_pretrained(folder, **_hf.from_pretrained_kwargs(torch.float32))
+    model = AutoModel.from_pretrained(folder, **_hf.local_model_kwargs(torch.float32))
     model = model.to(device).eval()
     return tok, model, pooling
 
@@ -121,7 +121,7 @@ def load_tokenizer(encoder: str | os.PathLike, pooling: str):
     _hf.offline()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(encoder_dir(encoder))
+    tok = AutoTokenizer.from_pretrained(encoder_dir(encoder), **_hf.local_tokenizer_kwargs())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left" if _check_pooling(pooling) == "last" else "right"
@@ -399,7 +399,8 @@ def resolve_pooling(encoder, pooling):
         return _default_pooling(encoder)
     from transformers import AutoConfig
 
-    return _default_pooling(str(encoder), AutoConfig.from_pretrained(encoder_dir(encoder)))
+    return _default_pooling(str(encoder), AutoConfig.from_pretrained(encoder_dir(encoder),
+                                                                     trust_remote_code=False))
 
 
 def text_features(ds_or_texts, encoder: str | os.PathLike = "smollm2", *,

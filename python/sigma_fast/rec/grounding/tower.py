@@ -10,16 +10,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..._io import atomic_save_tensors, atomic_write_json, load_tensors, read_artifact_config
+from ..._io import (Field, atomic_save_tensors, atomic_write_json, load_tensors,
+                    read_artifact_config, recorded_digests, sha256_file)
 from . import text as T
 from .projection import GroundingModel, check_training_inputs, fit
 
 __all__ = ["TextTower", "train_text_tower"]
 
 _TOWER_FORMAT = "sigma_fast.TextTower"
-_TOWER_VERSION = 1
+_TOWER_VERSION = 2  # 2: the config records the body weights' SHA-256
 _TOWER_CONFIG = "tower_config.json"
 _TOWER_BODY = "body.safetensors"
+_TOWER_FIELDS = {"mode": Field("str", choices=("frozen", "layers", "full")),
+                 "encoder": Field("str", nullable=True, optional=True),
+                 "pooling": Field("str", choices=("mean", "last"), nullable=True, optional=True),
+                 "max_length": Field("int", lo=1, optional=True),
+                 "lm_config": Field("dict", optional=True),
+                 "train_layers": Field("int", lo=1, nullable=True, optional=True)}
 
 
 class TextTower(nn.Module):
@@ -129,17 +136,26 @@ class TextTower(nn.Module):
             config["train_layers"] = self.body.n if self.mode == "layers" else None
             atomic_save_tensors(directory / _TOWER_BODY, self.body.state_dict(),
                                 metadata={"format": _TOWER_FORMAT})
+            config["files_sha256"] = {_TOWER_BODY: sha256_file(directory / _TOWER_BODY)}
         atomic_write_json(directory / _TOWER_CONFIG, config)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device="cpu") -> "TextTower":
         directory, path, config = read_artifact_config(
-            directory, _TOWER_CONFIG, _TOWER_FORMAT, _TOWER_VERSION, "a text tower")
+            directory, _TOWER_CONFIG, _TOWER_FORMAT, _TOWER_VERSION, "a text tower",
+            _TOWER_FIELDS)
         head = GroundingModel.load(directory / "head")
         mode = config.get("mode")
         body = None
         if mode in ("layers", "full"):
+            for key, kind in (("lm_config", "dict"), ("pooling", "str")):
+                if not isinstance(config.get(key), dict if kind == "dict" else str):
+                    raise ValueError(f"{path}: field {key!r} is required for mode {mode!r}")
+            if mode == "layers" and not isinstance(config.get("train_layers"), int):
+                raise ValueError(f"{path}: field 'train_layers' (an int >= 1) is required for "
+                                 f"mode 'layers'")
+            digest = recorded_digests(config, path, [_TOWER_BODY], since=2)[_TOWER_BODY]
             from transformers import AutoConfig, AutoModel
 
             try:
@@ -153,7 +169,8 @@ class TextTower(nn.Module):
             else:
                 body = T.LMFull(AutoModel.from_config(lm_config), config["pooling"])
             try:
-                body.load_state_dict(load_tensors(directory / _TOWER_BODY))
+                body.load_state_dict(load_tensors(directory / _TOWER_BODY, sha256=digest,
+                                                  config_path=path))
             except RuntimeError as exc:
                 raise ValueError(f"{directory / _TOWER_BODY} does not match {path}: {exc}") \
                     from exc
