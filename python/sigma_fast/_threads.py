@@ -6,7 +6,8 @@ time slice at a time, and a small model's step (thousands of short parallel regi
 down tenfold. Computing with the cores that are actually free avoids the waits.
 
 ``free_cpus()`` counts the CPUs of this process's affinity mask minus the CPU time other
-processes used over a short window (Linux ``/proc/stat`` minus this process's own time);
+processes used over a short window (Linux ``/proc/stat`` minus this process's own time; the time
+of niced processes does not count, since they yield to this one unless it is niced too);
 ``ThreadGovernor`` re-applies that count to torch and the C++ core at most every ``period``
 seconds inside a long loop. An explicit thread count (``SIGMA_FAST_NUM_THREADS``,
 ``torch.set_num_threads`` through ``threads=``) turns the governor off.
@@ -59,9 +60,21 @@ def _busy_ticks() -> tuple[int, int] | None:
             own = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    values = [int(v) for v in fields]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime
+    values = [int(v) for v in fields[:8]] + [0] * max(0, 8 - len(fields))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    busy = user + system + irq + softirq + steal
+    # Niced (lower-priority) processes yield the CPU to this one, so they do not take a core
+    # from it, unless this process is niced itself.
+    if _own_niceness() > 0:
+        busy += nice
+    return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+def _own_niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        return 0
 
 
 class ThreadGovernor:
