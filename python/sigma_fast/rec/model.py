@@ -144,7 +144,7 @@ def load_backbone(preset: str, *, num_layers: int | None = None, hidden_size: in
         model = LlamaForCausalLM(cfg)
     else:
         if preset == "smollm2-135m":
-            from .models import smollm2_dir
+            from .assets import smollm2_dir
 
             folder = smollm2_dir()
         else:
