@@ -7,7 +7,8 @@ down tenfold. Computing with the cores that are actually free avoids the waits.
 
 ``free_cpus()`` counts the CPUs of this process's affinity mask minus the CPU time other
 processes used over a short window (Linux ``/proc/stat`` minus this process's own time; the time
-of niced processes does not count, since they yield to this one unless it is niced too);
+of niced processes does not count where they yield to this one: not when it is niced too, nor
+under session autogroups);
 ``ThreadGovernor`` re-applies that count to torch and the C++ core at most every ``period``
 seconds inside a long loop. An explicit thread count (``SIGMA_FAST_NUM_THREADS``,
 ``torch.set_num_threads`` through ``threads=``) turns the governor off.
@@ -64,10 +65,19 @@ def _busy_ticks() -> tuple[int, int] | None:
     user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
     busy = user + system + irq + softirq + steal
     # Niced (lower-priority) processes yield the CPU to this one, so they do not take a core
-    # from it, unless this process is niced itself.
-    if _own_niceness() > 0:
+    # from it; unless this process is niced itself, or the scheduler groups processes by
+    # session (autogroup), where a niced process of another session still gets an equal share.
+    if _own_niceness() > 0 or _autogroup():
         busy += nice
     return busy, int(own[11]) + int(own[12])  # utime + stime
+
+
+def _autogroup() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def _own_niceness() -> int:
