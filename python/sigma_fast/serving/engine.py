@@ -8,11 +8,12 @@ What happens to a batch of requests (TaskSample-like: prompt, history, allowed):
 
 1. Each prompt is encoded as the model encodes it and cut where the user's part (profile and
    history) ends and the instruction begins. Requests whose user parts are identical (the
-   tasks of one user) form a group: the user part is run once per group (stage A) and its
-   keys/values are copied to each request's row of the prompt buffer; each request's own part
-   is then run on top of it (stage B). Without shared parts stage A is skipped.
-2. Requests are padded to a (users, user length, requests, request length) bucket: batch sizes
-   from ``batch_buckets``, lengths rounded up to ``length_multiple``. Padding rows and padding
+   tasks of one user) share one row of the prompt pass, a *pack*: the user part once (extended
+   by whatever the instructions share at their start), then each request's own part, every
+   token seeing the user part and its own request's earlier tokens only. Each request's prompt
+   keys/values are then gathered into its row of the prompt buffer.
+2. A run is padded to a (packs, pack length, requests, prompt length) bucket: counts from
+   ``batch_buckets``, lengths rounded up to ``length_multiple``. Padding rows and padding
    tokens are masked and never reach a result.
 3. The mode's program runs on the bucket's shapes: SIGMA's trie-constrained prefix beam search
    (beams read their request's prompt keys in place and keep their own few tokens in a small
@@ -55,11 +56,11 @@ def _round_up(n: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class _Bucket:
-    users: int      # rows of stage A (0: no shared part)
-    shared: int     # padded length of the users' shared part
-    requests: int   # rows of stage B
-    suffix: int     # padded length of the requests' own part
-    masked: bool    # some request has an allowed subset
+    packs: int        # rows of the prompt pass (a user part and some of its requests' own parts)
+    pack_len: int     # their padded length
+    requests: int     # requests (rows of the beams' prompt buffer)
+    prompt_len: int   # padded length of a request's prompt (user part + own part)
+    masked: bool      # some request has an allowed subset
 
 
 @dataclass
@@ -284,59 +285,87 @@ class Engine:
     def _bucket_size(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
 
-    def _inputs(self, prompts: list[_Prompt]) -> tuple[_Bucket, dict]:
-        """Host tensors of one run, padded to its bucket."""
-        users: dict = {}
-        user_of = [users.setdefault(p.shared, len(users)) for p in prompts]
-        shared_len = max(len(k[0]) for k in users)
-        reuse = shared_len > 0 and len(users) < len(prompts)
-        if not reuse:  # every request alone: one stage over whole prompts
-            prompts = [_Prompt(((), ()), (list(p.shared[0]) + p.own[0],
-                                          list(p.shared[1]) + p.own[1]), p.allowed)
-                       for p in prompts]
-            users = {((), ()): 0}
-            user_of = [0] * len(prompts)
-            shared_len = 0
-        n = len(prompts)
-        r = self._bucket_size(n)
-        own_len = max(len(p.own[0]) for p in prompts)
-        suffix = _round_up(own_len, self.length_multiple)
-        u = self._bucket_size(len(users)) if reuse else 0
-        shared = _round_up(shared_len, self.length_multiple) if reuse else 0
-        if shared + suffix > self.max_prompt:  # no room for rounding: exact lengths
-            shared, suffix = shared_len, self.max_prompt - shared_len
-            if suffix < own_len:
-                raise ValueError(f"these requests need {shared_len} + {own_len} prompt positions "
-                                 f"(longest user part + longest own part), more than "
-                                 f"max_prompt={self.max_prompt}; build the engine with a larger "
-                                 f"max_prompt or send them in smaller calls")
-        masked = any(p.allowed is not None for p in prompts)
-        bucket = _Bucket(u, shared, r, suffix, masked)
-        pad = int(self.model.tokenizer.pad_token_id or 0)
-        b_ids = torch.full((r, suffix), pad, dtype=torch.int64)
-        b_slots = torch.full((r, suffix), -1, dtype=torch.int64)
-        b_len = torch.ones(r, dtype=torch.int64)
+    def _packs(self, prompts: list[_Prompt]) -> list[tuple[int, list[int]]]:
+        """(shared length, request indices) of each pack: requests with the same user part,
+        the part extended to everything they have in common (the instruction's first tokens
+        are often shared too), as many requests per pack as fit in max_prompt tokens."""
+        if not self.reuse_prefix:
+            return [(0, [i]) for i in range(len(prompts))]
+        groups: dict = {}
         for i, p in enumerate(prompts):
-            m = len(p.own[0])
-            b_ids[i, :m] = torch.tensor(p.own[0])
-            b_slots[i, :m] = torch.tensor(p.own[1])
-            b_len[i] = m
-        inp = {"b_ids": b_ids, "b_slots": b_slots, "b_len": b_len,
-               "user_of": torch.tensor(user_of + [0] * (r - n), dtype=torch.int64)}
-        if reuse:
-            a_ids = torch.full((u, shared), pad, dtype=torch.int64)
-            a_slots = torch.full((u, shared), -1, dtype=torch.int64)
-            a_len = torch.ones(u, dtype=torch.int64)
-            for (ids, slots), j in users.items():
-                a_ids[j, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-                a_slots[j, :len(slots)] = torch.tensor(slots, dtype=torch.int64)
-                a_len[j] = len(ids)
-            inp.update(a_ids=a_ids, a_slots=a_slots, a_len=a_len)
+            groups.setdefault(p.shared, []).append(i)
+        packs = []
+        for members in groups.values():
+            full = [prompts[i].shared[0] + tuple(prompts[i].own[0]) for i in members]
+            slots = [prompts[i].shared[1] + tuple(prompts[i].own[1]) for i in members]
+            cut = len(prompts[members[0]].shared[0])
+            limit = min(len(f) for f in full) - 1
+            while cut < limit and all(f[cut] == full[0][cut] and s[cut] == slots[0][cut]
+                                      for f, s in zip(full, slots)):
+                cut += 1
+            cur, length = [], cut
+            for i, f in zip(members, full):
+                own = len(f) - cut
+                if cur and length + own > self.max_prompt:
+                    packs.append((cut, cur))
+                    cur, length = [], cut
+                cur.append(i)
+                length += own
+            packs.append((cut, cur))
+        return packs
+
+    def _inputs(self, prompts: list[_Prompt]) -> tuple[_Bucket, dict]:
+        """Host tensors of one run, padded to its bucket: the packs (rows of the prompt pass,
+        each a user part followed by the own parts of some of its requests) and, per request,
+        where its prompt lies in its pack."""
+        n = len(prompts)
+        packs = self._packs(prompts)
+        full = [(p.shared[0] + tuple(p.own[0]), p.shared[1] + tuple(p.own[1])) for p in prompts]
+        pack_lens = [cut + sum(len(full[i][0]) - cut for i in members) for cut, members in packs]
+        r = self._bucket_size(n)
+        pb = self._bucket_size(len(packs))
+        lp = min(_round_up(max(pack_lens), self.length_multiple), self.max_prompt)
+        t = min(_round_up(max(len(f[0]) for f in full), self.length_multiple), self.max_prompt)
+        masked = any(p.allowed is not None for p in prompts)
+        bucket = _Bucket(pb, lp, r, t, masked)
+        pad = int(self.model.tokenizer.pad_token_id or 0)
+        ids = torch.full((pb, lp), pad, dtype=torch.int64)
+        slots = torch.full((pb, lp), -1, dtype=torch.int64)
+        seg = torch.full((pb, lp), -2, dtype=torch.int64)    # -1 user part, r request r, -2 pad
+        pos = torch.zeros((pb, lp), dtype=torch.int64)
+        seg[:, 0] = -1                                        # padding packs: one live token
+        req_pack = torch.zeros(r, dtype=torch.int64)
+        req_src = torch.zeros((r, t), dtype=torch.int64)
+        req_len = torch.ones(r, dtype=torch.int64)
+        req_last = torch.zeros(r, dtype=torch.int64)
+        for k, (cut, members) in enumerate(packs):
+            first = full[members[0]]
+            ids[k, :cut] = torch.tensor(first[0][:cut], dtype=torch.int64)
+            slots[k, :cut] = torch.tensor(first[1][:cut], dtype=torch.int64)
+            seg[k, :cut] = -1
+            pos[k, :cut] = torch.arange(cut)
+            at = cut
+            for i in members:
+                f_ids, f_slots = full[i]
+                m = len(f_ids) - cut
+                ids[k, at:at + m] = torch.tensor(f_ids[cut:], dtype=torch.int64)
+                slots[k, at:at + m] = torch.tensor(f_slots[cut:], dtype=torch.int64)
+                seg[k, at:at + m] = i
+                pos[k, at:at + m] = torch.arange(cut, cut + m)
+                req_pack[i] = k
+                req_src[i, :cut] = torch.arange(cut)
+                req_src[i, cut:cut + m] = torch.arange(at, at + m)
+                req_len[i] = cut + m
+                req_last[i] = at + m - 1
+                at += m
+        inp = {"pack_ids": ids, "pack_slots": slots, "pack_seg": seg, "pack_pos": pos,
+               "req_pack": req_pack, "req_src": req_src, "req_len": req_len,
+               "req_last": req_last}
         if masked:
             allowed = torch.ones((r, self.model.num_items), dtype=torch.bool)
             allowed[:n] = allowed_masks([p for p in prompts], self.model.num_items)
             inp["allowed"] = allowed
-        self.stats.shared_requests += (n - len(users)) if reuse else 0
+        self.stats.shared_requests += n - len(packs)
         return bucket, inp
 
     # ------------------------------------------------------------------ the program
@@ -351,44 +380,29 @@ class Engine:
         return torch.where(allowed, zero, torch.finfo(self.dtype).min)
 
     def _prompt_pass(self, b: _Bucket, inp: dict):
-        """Stages A and B: fill the prompt buffer; return (last hidden [R, H], prompt length
-        [R], the beams' mask over the prompt keys [R, 1, 1, T])."""
+        """One forward over the packs; each request's prompt keys/values are then gathered
+        into its row of the prompt buffer. Returns (last hidden [R, H], prompt length [R], the
+        beams' mask over the prompt keys [R, 1, 1, T])."""
         run, dev = self.runner, self.device
-        r, t0, t1 = b.requests, b.shared, b.suffix
-        t = t0 + t1
-        user_of = inp["user_of"]
-        if t0:
-            u = b.users
-            ar = torch.arange(t0, device=dev)
-            valid = ar[None, :] < inp["a_len"][:, None]
-            mask_a = self._mask(valid[:, None, None, :] & (ar[None, :] <= ar[:, None]))  # [U,1,T0,T0]
+        r, t, lp = b.requests, b.prompt_len, b.pack_len
+        seg = inp["pack_seg"]
+        ar = torch.arange(lp, device=dev)
+        # a token sees the earlier tokens of the user part and of its own request
+        ok = (ar[None, :] <= ar[:, None])[None] & (
+            (seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None]))
+        mask = self._mask(ok)[:, None]                                   # [P, 1, Lp, Lp]
+        pack_of, src = inp["req_pack"][:, None], inp["req_src"]
 
-            def stage_a(i, q, k, v):
-                self.prompt_k[i, :r, :, :t0] = k.index_select(0, user_of)
-                self.prompt_v[i, :r, :, :t0] = v.index_select(0, user_of)
-                return attend(q, [KeySet(k, v, mask_a)], run.scaling, run.nrep)
+        def att(i, q, k, v):
+            self.prompt_k[i, :r, :, :t] = k[pack_of, :, src].permute(0, 2, 1, 3)
+            self.prompt_v[i, :r, :, :t] = v[pack_of, :, src].permute(0, 2, 1, 3)
+            return attend(q, [KeySet(k, v, mask)], run.scaling, run.nrep)
 
-            run.forward(self._embed(inp["a_ids"], inp["a_slots"]), ar.expand(u, t0), stage_a)
-            n0 = inp["a_len"].index_select(0, user_of)
-        else:
-            n0 = torch.zeros(r, dtype=torch.int64, device=dev)
-        ar1 = torch.arange(t1, device=dev)
-        kpos = torch.arange(t, device=dev)
-        shared_ok = (kpos[None, :] < t0) & (kpos[None, :] < n0[:, None])           # [R, T]
-        own_ok = (kpos[None, None, :] >= t0) & ((kpos - t0)[None, None, :] <= ar1[None, :, None])
-        mask_b = self._mask(shared_ok[:, None, :] | own_ok)[:, None]                 # [R,1,T1,T]
-
-        def stage_b(i, q, k, v):
-            self.prompt_k[i, :r, :, t0:t] = k
-            self.prompt_v[i, :r, :, t0:t] = v
-            return attend(q, [KeySet(self.prompt_k[i, :r, :, :t], self.prompt_v[i, :r, :, :t],
-                                     mask_b)], run.scaling, run.nrep)
-
-        b_len = inp["b_len"]
-        h = run.forward(self._embed(inp["b_ids"], inp["b_slots"]), n0[:, None] + ar1, stage_b)
-        last = h[torch.arange(r, device=dev), b_len - 1]
-        key_ok = shared_ok | ((kpos[None, :] >= t0) & ((kpos - t0)[None, :] < b_len[:, None]))
-        return last, n0 + b_len, self._mask(key_ok)[:, None, None, :]
+        h = run.forward(self._embed(inp["pack_ids"], inp["pack_slots"]), inp["pack_pos"], att)
+        last = h[inp["req_pack"], inp["req_last"]]
+        prompt_len = inp["req_len"]
+        key_ok = torch.arange(t, device=dev)[None, :] < prompt_len[:, None]
+        return last, prompt_len, self._mask(key_ok)[:, None, None, :]
 
     def _beam_forward(self, tokens: torch.Tensor, positions: torch.Tensor, r: int, t: int,
                       prompt_mask: torch.Tensor, past: int, causal: bool) -> torch.Tensor:
@@ -420,7 +434,7 @@ class Engine:
                 width: int):
         """Trie-constrained beam search over ``levels`` code levels: (codes [R, W, levels],
         scores [R, W], states [R, W])."""
-        r, t, dev = b.requests, b.shared + b.suffix, self.device
+        r, t, dev = b.requests, b.prompt_len, self.device
         allowed_nodes = None
         if b.masked:
             allowed_nodes = self.trie.allowed_nodes(inp["allowed"])
@@ -481,7 +495,7 @@ class Engine:
                                       device=dev)], dim=2)                       # [R, K, l+1]
         lq = block.shape[2]
         pos = (prompt_len[:, None] + torch.arange(lq, device=dev)).repeat_interleave(k, 0)
-        t = b.shared + b.suffix
+        t = b.prompt_len
         h = self._beam_forward(block.reshape(r * k, lq), pos, r, t, prompt_mask, past=0,
                                causal=True)
         queries = model.query_embeddings(h[:, -1]).float().reshape(r, k, -1)

@@ -9,9 +9,10 @@ attention itself, so that
   never per beam) plus its own few generated tokens, through a softmax over both key sets;
 - shapes are fixed per bucket, and nothing synchronises with the host (CUDA graphs).
 
-Attention follows transformers' eager implementation: scores in the model's dtype, softmax in
-float32, probabilities cast back (so a float32 model gives the eager model's numbers up to
-float rounding). Supported: decoders whose layers have ``self_attn.{q,k,v,o}_proj`` (optional
+Attention over one key set (the prompt pass) is torch's fused scaled-dot-product attention, as
+transformers' default; over two key sets (a beam's prompt and its own tokens) it follows
+transformers' eager implementation: scores in the model's dtype, softmax in float32,
+probabilities cast back (a float32 model gives the eager model's numbers up to rounding). Supported: decoders whose layers have ``self_attn.{q,k,v,o}_proj`` (optional
 ``q_norm``/``k_norm``), ``mlp``, ``input_layernorm`` and ``post_attention_layernorm``, with a
 final ``norm`` and a ``rotary_emb`` (Llama / SmolLM2, Mistral, Qwen2, Qwen3).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["DecoderRunner", "KeySet", "attend", "SUPPORTED"]
 
@@ -85,6 +87,10 @@ def attend(q: torch.Tensor, key_sets: list[KeySet], scaling: float, nrep: int) -
     """Attention of q [rows, H, Lq, d] over the union of ``key_sets``: one softmax over all
     their keys (as if they were concatenated), without concatenating keys or values.
     Returns [rows, H, Lq, d] in q's dtype."""
+    if len(key_sets) == 1 and key_sets[0].groups is None:  # one key set: the fused kernel
+        ks = key_sets[0]
+        return F.scaled_dot_product_attention(q, ks.k, ks.v, attn_mask=ks.mask, scale=scaling,
+                                              enable_gqa=nrep > 1)
     scores = [_scores(q, ks, scaling, nrep) for ks in key_sets]
     s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
