@@ -10,7 +10,7 @@ processes used over a short window (Linux ``/proc/stat`` minus this process's ow
 of niced processes does not count where they yield to this one: not when it is niced too, nor
 under session autogroups);
 ``ThreadGovernor`` re-applies that count to torch and the C++ core at most every ``period``
-seconds inside a long loop. An explicit thread count (``SIGMA_FAST_NUM_THREADS``,
+seconds (2) inside a long loop; the first decision of a process samples 0.1 s. An explicit thread count (``SIGMA_FAST_NUM_THREADS``,
 ``torch.set_num_threads`` through ``threads=``) turns the governor off.
 """
 
@@ -39,8 +39,10 @@ def adapt() -> int | None:
     global _governor
     if _pinned:
         return None
-    if _governor is None:
+    if _governor is None:  # the first decision from a short sample, not a guess
         _governor = ThreadGovernor()
+        time.sleep(0.1)
+        return _governor.check(force=True)
     return _governor.check()
 
 
@@ -96,7 +98,7 @@ class ThreadGovernor:
     in use.
     """
 
-    def __init__(self, *, period: float = 5.0, maximum: int | None = None):
+    def __init__(self, *, period: float = 2.0, maximum: int | None = None):
         self.period = float(period)
         self.maximum = maximum or affinity_cpus()
         self._last = _busy_ticks()
