@@ -20,8 +20,8 @@ duplicate (asserted).
 
 Settings: ``SIGMA_FAST_BENCH_SERVE_RUN`` (a trained run directory to serve instead of building
 the tiny one; the tiny run is cached under ``$SIGMA_FAST_CACHE/bench``),
-``SIGMA_FAST_BENCH_SERVE_DEVICE`` (cpu, cuda), ``SIGMA_FAST_BENCH_SERVE_ENGINE=1`` (serve and
-measure the static-shape Engine instead of the eager Recommender),
+``SIGMA_FAST_BENCH_SERVE_DEVICE`` (cpu, cuda), ``SIGMA_FAST_BENCH_SERVE_ENGINE=0`` (serve and
+measure the eager Recommender instead of the static-shape Engine, the default),
 ``SIGMA_FAST_BENCH_SERVE_BATCH`` (B, default 16), ``SIGMA_FAST_BENCH_SERVE_SECONDS`` (per load
 phase, default 10).
 """
@@ -45,7 +45,7 @@ RUN = os.environ.get("SIGMA_FAST_BENCH_SERVE_RUN")
 DEVICE = os.environ.get("SIGMA_FAST_BENCH_SERVE_DEVICE")
 BATCH = int(os.environ.get("SIGMA_FAST_BENCH_SERVE_BATCH", 16))
 SECONDS = float(os.environ.get("SIGMA_FAST_BENCH_SERVE_SECONDS", 10))
-ENGINE = os.environ.get("SIGMA_FAST_BENCH_SERVE_ENGINE", "0") not in ("", "0")
+ENGINE = os.environ.get("SIGMA_FAST_BENCH_SERVE_ENGINE", "1") not in ("", "0")
 WAIT_MS = 5.0
 TOP_N = 10
 TINY = {"grounding.encoder": '"hashed"', "grounding.epochs": "1", "grounding.id_epochs": "1",
@@ -94,8 +94,7 @@ def server(run_dir):
            "--max-queue", str(8 * BATCH), "--log-level", "warning"]
     if DEVICE:
         cmd += ["--device", DEVICE]
-    if ENGINE:
-        cmd.append("--engine")
+    cmd.append("--engine" if ENGINE else "--eager")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -134,7 +133,8 @@ def _check(report):
 
 
 def _group():
-    return (f"HTTP serving, tiny SIGMA on ML-100K, {'Engine' if ENGINE else 'Recommender'}, "
+    model = f"run {Path(RUN).name}" if RUN else "tiny SIGMA on ML-100K"
+    return (f"HTTP serving, {model}, {'Engine' if ENGINE else 'Recommender'}, "
             f"max batch {BATCH}, max wait {WAIT_MS:g} ms, top {TOP_N}, {DEVICE or 'cpu'}")
 
 

@@ -61,7 +61,7 @@ def test_full_queue_rejects_and_recovers():
     with pytest.raises(QueueFull):
         b.check_capacity()                  # the same answer before any work on a request
     m = b.metrics()
-    assert m["rejected"] == {"queue_full": 2, "not_accepting": 0}
+    assert m["rejected"] == {"queue_full": 2, "over_delay": 0, "not_accepting": 0}
     assert m["queue_depth"] == 2 and m["running"] == 1 and m["requests"] == 5
     gate.open.set()
     assert [f.result(30) for f in [running] + waiting] == [10, 20, 30]
@@ -203,3 +203,33 @@ def test_percentile_is_nearest_rank():
     v = list(range(1, 101))
     assert [_percentile(v, q) for q in (50, 95, 99, 100)] == [50, 95, 99, 100]
     assert _percentile([], 50) is None and _percentile([7], 99) == 7
+
+
+def test_a_latency_budget_sheds_load_before_the_queue_is_full():
+    import threading
+
+    from sigma_fast.serving.batching import MicroBatcher, QueueFull
+
+    gate = threading.Event()
+
+    def slow(xs):
+        gate.wait(5)
+        return xs
+
+    with MicroBatcher(lambda xs: xs, max_batch=2, max_wait_ms=0, max_queue=100,
+                      max_delay_ms=50) as b:
+        assert b.submit(1).result(5) == 1          # measures ~0 ms per request: all accepted
+    b = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=100, max_delay_ms=50).start()
+    try:
+        b._per_request = 0.02                      # as measured: 20 ms per request
+        futures = [b.submit(i) for i in range(3)]  # 0, 1, 2 ahead: 0 / 20 / 40 ms
+        with pytest.raises(QueueFull, match="over the 50 ms budget"):
+            for i in range(10):
+                futures.append(b.submit(i))
+        assert len(futures) < 10
+        assert b.metrics()["rejected"]["over_delay"] == 1
+    finally:
+        gate.set()
+        b.close()
+    with pytest.raises(ValueError, match="max_delay_ms must be None or a finite number > 0"):
+        MicroBatcher(lambda xs: xs, max_delay_ms=0)

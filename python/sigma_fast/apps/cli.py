@@ -240,7 +240,8 @@ def _cmd_serve(args) -> int:
     run_settings(args.run)  # a missing run fails here, before the port opens
     return serve(args.run, variant=args.variant, device=args.device, host=args.host,
                  port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                 max_queue=args.max_queue, max_connections=args.max_connections,
+                 max_queue=args.max_queue, max_delay_ms=args.max_delay_ms or None,
+                 max_connections=args.max_connections,
                  limits=_limits(args), engine=args.engine, log_level=args.log_level)
 
 
@@ -395,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest a request waits for others to join its batch (default: 5)")
     sv.add_argument("--max-queue", type=int, default=256,
                     help="most requests waiting; more are answered 429 (default: 256)")
+    sv.add_argument("--max-delay-ms", type=float, default=2000.0,
+                    help="latency budget: a request is answered 429 when the requests ahead of "
+                         "it would take longer to serve at the measured rate (default: 2000; "
+                         "0: no budget, only --max-queue)")
     sv.add_argument("--max-connections", type=int, default=1024,
                     help="open connections beyond which the server answers 503 (default: 1024)")
     sv.add_argument("--max-top-n", type=int, default=100, help="largest top_n (default: 100)")

@@ -64,12 +64,17 @@ class MicroBatcher:
         max_wait_ms: longest a request waits for others to join its batch (0: take whatever
             is waiting when the worker is free).
         max_queue: most requests waiting (not yet in a running batch); more are rejected.
+        max_delay_ms: optional latency budget: a request is also rejected when the requests
+            ahead of it would take longer than this to serve at the recently measured rate
+            (seconds per request over the last batches), so that overload is shed while the
+            accepted requests keep a bounded latency, whatever ``max_queue`` allows.
         window: the latency percentiles cover the last ``window`` completed requests.
         name: the worker thread's name.
     """
 
     def __init__(self, fn, *, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 max_queue: int = 256, window: int = 4096, name: str = "micro-batcher"):
+                 max_queue: int = 256, max_delay_ms: float | None = None, window: int = 4096,
+                 name: str = "micro-batcher"):
         if not callable(fn):
             raise TypeError(f"fn must be callable; got {type(fn).__name__}")
         for key, value in (("max_batch", max_batch), ("max_queue", max_queue),
@@ -79,8 +84,14 @@ class MicroBatcher:
         if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms)
                 and max_wait_ms >= 0):
             raise ValueError(f"max_wait_ms must be a finite number >= 0; got {max_wait_ms!r}")
+        if max_delay_ms is not None and not (isinstance(max_delay_ms, (int, float))
+                                             and math.isfinite(max_delay_ms) and max_delay_ms > 0):
+            raise ValueError(f"max_delay_ms must be None or a finite number > 0; got "
+                             f"{max_delay_ms!r}")
         self.fn = fn
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_delay = None if max_delay_ms is None else float(max_delay_ms) / 1e3
+        self._per_request = None   # seconds per request, moving average over recent batches
         self.max_wait = float(max_wait_ms) / 1e3
         self.name = name
         self._queue: collections.deque[_Request] = collections.deque()
@@ -142,6 +153,13 @@ class MicroBatcher:
                 self._counts["rejected_queue_full"] += 1
                 raise QueueFull(f"{self.name}: the queue is full ({self.max_queue} requests "
                                 f"waiting); retry later")
+            ahead = len(self._queue) + self._running
+            if (self.max_delay is not None and self._per_request is not None
+                    and ahead * self._per_request > self.max_delay):
+                self._counts["rejected_over_delay"] += 1
+                raise QueueFull(f"{self.name}: {ahead} requests ahead would take about "
+                                f"{ahead * self._per_request * 1e3:.0f} ms, over the "
+                                f"{self.max_delay * 1e3:.0f} ms budget; retry later")
 
     def submit(self, item) -> Future:
         """Queue one request; its result (or exception) arrives on the returned future.
@@ -216,6 +234,9 @@ class MicroBatcher:
                     r.future.set_result(res)
             with self._cond:
                 self._running = 0
+                per = (t1 - t0) / len(batch)
+                self._per_request = per if self._per_request is None else (
+                    0.7 * self._per_request + 0.3 * per)
                 self._batch_sizes[len(batch)] += 1
                 self._counts["batches"] += 1
                 self._counts["completed"] += len(batch) - failed
@@ -240,12 +261,13 @@ class MicroBatcher:
         uptime = time.monotonic() - self._started_at if self._started_at else 0.0
         return {
             "requests": c.get("accepted", 0) + c.get("rejected_queue_full", 0)
-            + c.get("rejected_not_accepting", 0),
+            + c.get("rejected_over_delay", 0) + c.get("rejected_not_accepting", 0),
             "accepted": c.get("accepted", 0),
             "completed": c.get("completed", 0),
             "failed": c.get("failed", 0),
             "cancelled": c.get("cancelled", 0),
             "rejected": {"queue_full": c.get("rejected_queue_full", 0),
+                         "over_delay": c.get("rejected_over_delay", 0),
                          "not_accepting": c.get("rejected_not_accepting", 0)},
             "queue_depth": depth,
             "running": running,
@@ -259,5 +281,7 @@ class MicroBatcher:
             "queue_wait_ms": {f"p{q}": ms(_percentile(wait, q)) for q in (50, 95, 99)},
             "busy_fraction": (c.get("busy_ns", 0) / 1e9 / uptime) if uptime > 0 else None,
             "limits": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1e3,
-                       "max_queue": self.max_queue},
+                       "max_queue": self.max_queue,
+                       "max_delay_ms": None if self.max_delay is None else self.max_delay * 1e3},
+            "ms_per_request": ms(self._per_request),
         }

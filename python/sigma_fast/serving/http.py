@@ -110,20 +110,22 @@ class _State:
 
 
 def create_app(load, *, max_batch: int = 16, max_wait_ms: float = 5.0, max_queue: int = 256,
-               max_body_bytes: int = 1 << 20, on_load_error: Callable | None = None):
+               max_delay_ms: float | None = None, max_body_bytes: int = 1 << 20,
+               on_load_error: Callable | None = None):
     """The FastAPI application serving ``load`` — a ``Served`` run, or a function returning
     one, called on a background thread at start-up (``/health`` says 503 "loading" meanwhile;
     a failure is reported there and passed to ``on_load_error``)."""
     _require_extra()
     MicroBatcher(lambda xs: xs, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                 max_queue=max_queue)  # checks the limits now, not on the loader thread
+                 max_queue=max_queue, max_delay_ms=max_delay_ms)  # checks the limits now
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an int >= 1; got {max_body_bytes!r}")
     state = _State()
 
     def ready(served):
         batcher = MicroBatcher(served.answer, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                               max_queue=max_queue, name="sigma-fast-batcher").start()
+                               max_queue=max_queue, max_delay_ms=max_delay_ms,
+                               name="sigma-fast-batcher").start()
         state.served, state.batcher = served, batcher
         state.info = _info(served, max_body_bytes)
         state.phase = "ready"
@@ -290,8 +292,9 @@ def _info(served, max_body_bytes: int) -> dict:
 
 def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 16, max_wait_ms: float = 5.0,
-          max_queue: int = 256, max_connections: int = 1024, limits=None,
-          engine: bool = True, log_level: str = "info") -> int:
+          max_queue: int = 256, max_delay_ms: float | None = 2000.0,
+          max_connections: int = 1024, limits=None, engine: bool = True,
+          log_level: str = "info") -> int:
     """Serve a trained run until interrupted (SIGINT / SIGTERM drain the queue first).
     The port opens at once; the model loads in the background (``/health`` 503 until then);
     a failed load stops the server and returns 2. Beyond ``max_connections`` open
@@ -320,7 +323,7 @@ def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.
         return served
 
     app = create_app(load, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                     on_load_error=on_error)
+                     max_delay_ms=max_delay_ms, on_load_error=on_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            limit_concurrency=max_connections,
                                            timeout_graceful_shutdown=30))
