@@ -91,7 +91,7 @@ def server(run_dir):
     port = _free_port()
     cmd = [sys.executable, "-m", "sigma_fast.apps.cli", "serve", "--run", str(run_dir),
            "--port", str(port), "--max-batch", str(BATCH), "--max-wait-ms", str(WAIT_MS),
-           "--max-queue", str(8 * BATCH), "--log-level", "warning"]
+           "--max-queue", str(4 * BATCH), "--log-level", "warning"]
     if DEVICE:
         cmd += ["--device", DEVICE]
     cmd.append("--engine" if ENGINE else "--eager")

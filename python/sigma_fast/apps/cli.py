@@ -396,10 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest a request waits for others to join its batch (default: 5)")
     sv.add_argument("--max-queue", type=int, default=256,
                     help="most requests waiting; more are answered 429 (default: 256)")
-    sv.add_argument("--max-delay-ms", type=float, default=2000.0,
+    sv.add_argument("--max-delay-ms", type=float, default=0.0,
                     help="latency budget: a request is answered 429 when the requests ahead of "
-                         "it would take longer to serve at the measured rate (default: 2000; "
-                         "0: no budget, only --max-queue)")
+                         "it would take longer than this to serve at the measured rate "
+                         "(default: 0, no budget: only --max-queue bounds the wait)")
     sv.add_argument("--max-connections", type=int, default=1024,
                     help="open connections beyond which the server answers 503 (default: 1024)")
     sv.add_argument("--max-top-n", type=int, default=100, help="largest top_n (default: 100)")

@@ -66,7 +66,8 @@ class MicroBatcher:
         max_queue: most requests waiting (not yet in a running batch); more are rejected.
         max_delay_ms: optional latency budget: a request is also rejected when the requests
             ahead of it would take longer than this to serve at the recently measured rate
-            (seconds per request over the last batches), so that overload is shed while the
+            (seconds per request over the last well-filled batches), so that overload is shed
+            while the
             accepted requests keep a bounded latency, whatever ``max_queue`` allows.
         window: the latency percentiles cover the last ``window`` completed requests.
         name: the worker thread's name.
@@ -234,9 +235,13 @@ class MicroBatcher:
                     r.future.set_result(res)
             with self._cond:
                 self._running = 0
+                # The rate of well-filled batches (the one overload sees): small batches cost
+                # more per request and would make the budget shed ever more.
                 per = (t1 - t0) / len(batch)
-                self._per_request = per if self._per_request is None else (
-                    0.7 * self._per_request + 0.3 * per)
+                if self._per_request is None:
+                    self._per_request = per
+                elif 2 * len(batch) >= self.max_batch:
+                    self._per_request = 0.7 * self._per_request + 0.3 * per
                 self._batch_sizes[len(batch)] += 1
                 self._counts["batches"] += 1
                 self._counts["completed"] += len(batch) - failed

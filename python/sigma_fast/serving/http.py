@@ -292,7 +292,7 @@ def _info(served, max_body_bytes: int) -> dict:
 
 def serve(run_dir, *, variant: str = "sigma", device=None, host: str = "127.0.0.1",
           port: int = 8000, max_batch: int = 16, max_wait_ms: float = 5.0,
-          max_queue: int = 256, max_delay_ms: float | None = 2000.0,
+          max_queue: int = 256, max_delay_ms: float | None = None,
           max_connections: int = 1024, limits=None, engine: bool = True,
           log_level: str = "info") -> int:
     """Serve a trained run until interrupted (SIGINT / SIGTERM drain the queue first).
