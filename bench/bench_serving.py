@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+from sigma_fast.testing import dict_trie_prefix_fn
+
 pytest.importorskip("transformers")
 
 K, M, N = 10, 50, 20
@@ -199,23 +201,6 @@ def gpu_gr_sid(gpu_setup):
     return model, jfy
 
 
-def _dict_trie_fn(model):
-    codes = model.codes.tolist()
-    vocab = model.vocab
-    tok = [list(range(o, o + vocab.codebook_size)) for o in vocab.token_offsets]
-    nxt = defaultdict(set)
-    for row in codes:
-        for lv in range(len(row)):
-            nxt[tuple(row[:lv])].add(tok[lv][row[lv]])
-    nxt = {k: sorted(v) for k, v in nxt.items()}
-    back = [{t: c for c, t in enumerate(level)} for level in tok]
-
-    def fn(batch_id, sent):
-        return nxt.get(tuple(back[i][t] for i, t in enumerate(sent.tolist())), [])
-
-    return fn
-
-
 @needs_cuda
 @pytest.mark.parametrize("width", [50, 256])
 @pytest.mark.parametrize("provider", ["generate + prefix_allowed_tokens_fn",
@@ -230,7 +215,7 @@ def test_gr_sid_gpu(benchmark, gpu_gr_sid, record, provider, width):
     requests = jfy[:3]
     if provider.startswith("generate"):
         model = model.to("cuda", torch.bfloat16)
-        fn = _dict_trie_fn(model)
+        fn = dict_trie_prefix_fn(model.codes, model.vocab)
         levels = model.vocab.num_levels
 
         def call(s):

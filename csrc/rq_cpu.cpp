@@ -37,13 +37,7 @@ inline double squared_norm64(const float* v, int64_t d) {
 }
 
 inline float squared_norm(const float* v, int64_t d) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t t = 0;
-  for (; t + 8 <= d; t += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(v[t + j]) * v[t + j];
-  for (; t < d; ++t) acc[0] += static_cast<double>(v[t]) * v[t];
-  return static_cast<float>(((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-                            ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+  return static_cast<float>(squared_norm64(v, d));
 }
 
 // Codebooks packed once per call, with codeword norms for ||r||^2 - 2<r,c> + ||c||^2.

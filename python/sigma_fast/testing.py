@@ -298,3 +298,26 @@ def torch_threads(n: int):
     finally:
         torch.set_num_threads(before)
         _threads._pinned = pinned
+
+
+def dict_trie_prefix_fn(codes, vocab):
+    """``prefix_allowed_tokens_fn`` for ``model.generate`` over the semantic IDs ``codes``
+    ([N, L] rows) placed in the vocabulary by ``vocab`` (a ``SIDVocab``), from a plain Python
+    dict trie: the way a user of transformers constrains generation without sigma_fast (the
+    baseline of the benchmarks). ``sent`` holds the generated tokens only (``inputs_embeds``
+    prompts)."""
+    from collections import defaultdict
+
+    rows = np.asarray(codes).tolist()
+    tok = [list(range(o, o + vocab.codebook_size)) for o in vocab.token_offsets]
+    nxt = defaultdict(set)
+    for row in rows:
+        for lv in range(len(row)):
+            nxt[tuple(row[:lv])].add(tok[lv][row[lv]])
+    nxt = {k: sorted(v) for k, v in nxt.items()}
+    back = [{t: c for c, t in enumerate(level)} for level in tok]
+
+    def fn(batch_id, sent):
+        return nxt.get(tuple(back[i][t] for i, t in enumerate(sent.tolist())), [])
+
+    return fn
