@@ -206,6 +206,10 @@ class Engine:
                 raise ValueError(f"GR(SID) generation needs one item per full semantic ID; this "
                                  f"model's codes put up to {leaves} items on one ID")
         self.query_token = int(model.query_token_id)
+        # vocabulary id of code 0 per level, on the device (SIDVocab.token_ids checks values on
+        # the host, which a CUDA graph capture cannot do)
+        self.level_offsets = torch.tensor(self.vocab.token_offsets, dtype=torch.int64,
+                                          device=dev)
 
     def _prefix_keys(self, codes: torch.Tensor) -> torch.Tensor:
         k = self.vocab.codebook_size
@@ -490,7 +494,7 @@ class Engine:
             return {"item_ids": items, "scores": scores.float()}
         # SIGMA step 2: <prefix_k><q> for every beam, on the request's prompt keys.
         k = self.width
-        block = torch.cat([self.vocab.token_ids(codes.clamp(min=0)),
+        block = torch.cat([codes.clamp(min=0) + self.level_offsets[:codes.shape[2]],
                            torch.full((r, k, 1), self.query_token, dtype=torch.int64,
                                       device=dev)], dim=2)                       # [R, K, l+1]
         lq = block.shape[2]
