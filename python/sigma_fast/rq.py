@@ -71,7 +71,8 @@ def effective_beam_width(beam_width: int, codebook_size: int, levels: int) -> in
 
 
 def _encode_reference(x, codebooks, beam_width):
-    _check_workspace(beam_width, *codebooks.shape, 1)
+    levels, k, d = codebooks.shape
+    _check_workspace(beam_width, levels, k, d, 1)
     codes, err = reference.rq_encode(
         x.detach().cpu().numpy(), codebooks.detach().cpu().numpy(), beam_width=beam_width
     )
