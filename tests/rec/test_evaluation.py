@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from sigma_fast.rec.data import TaskSample
-from sigma_fast.rec.evaluation import (bootstrap_ci, evaluate_rankings, hit_ndcg, results_table,
-                                   write_results)
+from sigma_fast.rec.evaluation import (bootstrap_ci, evaluate_rankings, hit_ndcg,
+                                   ranking_violations, results_table, write_results)
 
 
 def sample(task, user, target, allowed=None, history=(0,)):
@@ -158,6 +158,20 @@ def test_check_allowed_rejects_outside_items_and_duplicates():
     neg[0, 2] = -5
     with pytest.raises(ValueError, match="sample 0: .*-5"):
         evaluate_rankings(samples, neg, hr_ks=(1,), ndcg_ks=())
+
+
+def test_violations_are_counted_and_reported():
+    samples, rankings = crafted()
+    ok = evaluate_rankings(samples, rankings, hr_ks=(1,), ndcg_ks=(), bootstrap=0)
+    assert ok["all"]["illegal"] == 0 and ok["all"]["duplicates"] == 0
+    bad = rankings.copy()
+    bad[3] = [5, 1, 1]          # item 1 is outside sample 3's subset, and repeated
+    bad[1] = [3, 4, 3]          # a duplicate
+    bad[0, 2] = -5              # not a padding value
+    assert ranking_violations(samples, bad) == {"illegal": 3, "duplicates": 2}
+    res = evaluate_rankings(samples, bad, hr_ks=(1,), ndcg_ks=(), bootstrap=0,
+                            check_allowed=False)
+    assert (res["all"]["illegal"], res["all"]["duplicates"]) == (3, 2)
 
 
 def test_evaluate_rankings_errors():

@@ -279,3 +279,24 @@ def test_real_ml_100k_every_task_has_samples(tmp_path):
             assert stats["tasks"][task]["samples"] > 0, (split, task)
         assert all(s.allowed is None or s.target in s.allowed for s in samples)
     assert stats["tasks"]["JustForYou"]["samples"] == ds.num_users
+
+
+def test_exclude_seen_removes_consumed_items_but_keeps_the_target(crafted):
+    from sigma_fast.rec.data import exclude_seen
+
+    ds = crafted
+    samples = build_task_samples(ds, "test")
+    out = exclude_seen(samples, ds)
+    assert len(out) == len(samples)
+    for s, e in zip(samples, out):
+        seen = set(ds.sequence(s.user)[:s.position].tolist())
+        base = set(range(ds.num_items)) if s.allowed is None else set(s.allowed.tolist())
+        assert set(e.allowed.tolist()) == (base - seen) | {s.target}
+        assert not e.allowed.flags.writeable and (np.diff(e.allowed) > 0).all()
+        assert (e.task, e.user, e.position, e.target, e.prompt) == \
+            (s.task, s.user, s.position, s.target, s.prompt)
+    # u2's test target ("hit") was consumed before: it stays allowed, the rest of the past not
+    u2 = ds.user_ids.index("u2")
+    rep = [e for e in out if e.user == u2 and e.task == "JustForYou"][0]
+    assert ds.item_ids[rep.target] == "hit" and rep.target in rep.allowed.tolist()
+    assert rep.target in ds.sequence(u2)[:rep.position].tolist()

@@ -29,8 +29,8 @@ import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_json
 
-__all__ = ["ALL", "bootstrap_ci", "evaluate_rankings", "hit_ndcg", "results_table",
-           "write_results"]
+__all__ = ["ALL", "bootstrap_ci", "evaluate_rankings", "hit_ndcg", "ranking_violations",
+           "results_table", "write_results"]
 
 ALL = "all"
 DEFAULT_TABLE_METRICS = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@10")
@@ -186,6 +186,29 @@ def _check_rankings_allowed(samples: Sequence, r: np.ndarray) -> None:
                              f"allowed items")
 
 
+def ranking_violations(samples: Sequence, rankings) -> dict[str, int]:
+    """``{"illegal": ranked items outside their sample's allowed subset (or below -1),
+    "duplicates": repeated items within a row}``, counted over all rows (-1 padding aside). A
+    correct recommender scores 0 on both."""
+    r = _as_rankings(rankings)
+    if r.size == 0:
+        return {"illegal": 0, "duplicates": 0}
+    srt = np.sort(r, axis=1)
+    dup = int(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).sum())
+    illegal = int((r < -1).sum())
+    by_subset: dict[int, tuple[np.ndarray, list[int]]] = {}
+    for i, smp in enumerate(samples):
+        if smp.allowed is not None:
+            by_subset.setdefault(id(smp.allowed), (smp.allowed, []))[1].append(i)
+    for allowed, rows in by_subset.values():
+        a = np.sort(np.asarray(allowed, dtype=np.int64))
+        rr = r[rows]
+        pos = np.searchsorted(a, rr).clip(0, max(len(a) - 1, 0))
+        inside = (a[pos] == rr) if len(a) else np.zeros(rr.shape, bool)
+        illegal += int(((rr >= 0) & ~inside).sum())
+    return {"illegal": illegal, "duplicates": dup}
+
+
 def _task_order(tasks) -> list[str]:
     from .data.tasks import TASKS
 
@@ -207,8 +230,9 @@ def evaluate_rankings(samples: Sequence, rankings, *, hr_ks=(1, 5, 10, 20), ndcg
     Returns ``{task: {"HR@1": {"mean", "lo", "hi"}, ..., "NDCG@5": {...}, ..., "n": samples,
     "users": distinct users}}`` in task order, then ``"all"`` (every sample). ``lo`` / ``hi`` is
     the ``level`` bootstrap interval over users (``bootstrap`` replicates; 0 gives None), seeded
-    per task from ``seed``. With ``check_allowed`` a ranking that lists an item twice or an item
-    outside its sample's allowed subset is a ValueError naming the sample.
+    per task from ``seed``. ``"all"`` also counts the ``"illegal"`` (outside the sample's
+    allowed subset) and ``"duplicates"`` (repeated in a row) ranked items; with
+    ``check_allowed`` any of them is a ValueError naming the sample.
     """
     samples = list(samples)
     r = _as_rankings(rankings)
@@ -219,8 +243,9 @@ def evaluate_rankings(samples: Sequence, rankings, *, hr_ks=(1, 5, 10, 20), ndcg
         raise ValueError("no samples to evaluate")
     if not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
         raise ValueError(f"bootstrap must be an int >= 0; got {bootstrap!r}")
-    if check_allowed:
-        _check_rankings_allowed(samples, r)
+    violations = ranking_violations(samples, r)
+    if check_allowed and (violations["illegal"] or violations["duplicates"]):
+        _check_rankings_allowed(samples, r)  # raises, naming the first offending sample
     targets = np.fromiter((s.target for s in samples), dtype=np.int64, count=len(samples))
     per = hit_ndcg(r, targets, hr_ks, ndcg_ks=ndcg_ks)
     names = list(per)
@@ -244,6 +269,7 @@ def evaluate_rankings(samples: Sequence, rankings, *, hr_ks=(1, 5, 10, 20), ndcg
         entry["n"] = int(len(rows))
         entry["users"] = int(len(np.unique(u)))
         out[name] = entry
+    out[ALL].update(violations)
     return out
 
 

@@ -55,7 +55,11 @@ ITEMS_DIR = "items"
 _FIELDS = {"mode": Field("str", choices=MODES), "backbone": Field("str"),
            "tau": Field("float"), "nce_weight": Field("float", lo=0),
            "hard_negatives": Field("int", lo=0), "max_history": Field("int", lo=1),
-           "sid_levels": Field("int", lo=1), "extra": Field("dict", optional=True)}
+           "sid_levels": Field("int", lo=1), "extra": Field("dict", optional=True),
+           "dense_weight": Field("float", lo=0, optional=True),
+           "negatives": Field("str", choices=("prefix", "catalogue"), optional=True),
+           "subset_negatives": Field("bool", optional=True)}
+NEGATIVES = ("prefix", "catalogue")
 
 
 @dataclass
@@ -70,6 +74,17 @@ class SigmaConfig:
         hard_negatives: negatives drawn from the target's prefix bucket per sample.
         max_history: history items rendered into a prompt (the most recent ones).
         sid_levels: SID levels that are tokens in the vocabulary (ℓ; L + 1 for gr_sid).
+        dense_weight: weight of the dense history supervision (0 = off): every history item
+            after the first is also a target — its prefix tokens by next-token loss from the
+            tokens before it, and its ``ṽ`` by InfoNCE (over the whole catalogue) from the
+            query head applied to the state just before its ``<item>`` slot — the way a
+            sequential recommender learns from every transition of a sequence.
+        negatives: the InfoNCE negatives of the label's ``<q>``: "prefix" (``hard_negatives``
+            items sharing the target's prefix + the batch's other targets) or "catalogue"
+            (a softmax over every item).
+        subset_negatives: with "catalogue", a sample with an allowed subset (Category,
+            Longtail, Discover, ...) draws its negatives from that subset only, as step 3 ranks
+            only inside it.
     """
 
     mode: str = "sigma"
@@ -80,6 +95,9 @@ class SigmaConfig:
     max_history: int = 20
     sid_levels: int = 1
     extra: dict = field(default_factory=dict)
+    dense_weight: float = 0.0
+    negatives: str = "prefix"
+    subset_negatives: bool = False
 
     def check(self) -> "SigmaConfig":
         if self.mode not in MODES:
@@ -89,6 +107,10 @@ class SigmaConfig:
         if self.nce_weight < 0 or self.hard_negatives < 0 or self.max_history < 1:
             raise ValueError(f"nce_weight and hard_negatives must be >= 0 and max_history >= 1; "
                              f"got {self.nce_weight}, {self.hard_negatives}, {self.max_history}")
+        if not self.dense_weight >= 0:
+            raise ValueError(f"dense_weight must be >= 0; got {self.dense_weight!r}")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}; got {self.negatives!r}")
         return self
 
 
@@ -99,7 +121,8 @@ class EncodedSample:
     token (== len(prompt ids)); ``label_codes``: the SID code of each label level;
     ``history_end``: index just after the last history token. Everything before it (profile
     and history) is the user's part of the prompt, shared by all of the user's tasks; the
-    instruction follows it."""
+    instruction follows it. ``history_starts``: index of each rendered history item's first
+    token (``history_items`` are those items); ``allowed``: the sample's allowed subset."""
 
     input_ids: list[int]
     item_slots: list[int]
@@ -108,6 +131,9 @@ class EncodedSample:
     label_codes: list[int]
     target: int
     history_end: int = -1
+    history_starts: list[int] = field(default_factory=list)
+    history_items: list[int] = field(default_factory=list)
+    allowed: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------ backbones
@@ -260,13 +286,14 @@ class SigmaModel(nn.Module):
                              f"{sample.prompt[:80]!r}")
         bos = self.tokenizer.bos_token_id
         ids = ([bos] if bos is not None else []) + list(self._text_ids(before))
-        slots, items = [], []
-        history = np.asarray(sample.history)[-self.config.max_history:]
-        for item in history.tolist():
+        slots, items, starts = [], [], []
+        history = np.asarray(sample.history)[-self.config.max_history:].tolist()
+        for item in history:
             if not 0 <= item < self.num_items:
                 raise IndexError(f"history item {item} is outside the catalogue [0, "
                                  f"{self.num_items})")
             toks, slot = self._item_tokens(item)
+            starts.append(len(ids))
             ids += toks
             if slot:
                 slots.append(len(ids) - 1)
@@ -285,7 +312,9 @@ class SigmaModel(nn.Module):
                 ids += self._item_sids[target]
             if self.config.mode != "gr_sid":
                 ids.append(self.query_token_id)
-        return EncodedSample(ids, slots, items, label_start, label_codes, target, history_end)
+        allowed = getattr(sample, "allowed", None)
+        return EncodedSample(ids, slots, items, label_start, label_codes, target, history_end,
+                             starts, history, allowed)
 
     def collate(self, encoded: list[EncodedSample], *, padding_side: str = "right") -> dict:
         """Pad a list of encoded samples into a batch of tensors (right padding for training,
@@ -308,13 +337,27 @@ class SigmaModel(nn.Module):
                 slot_items[r, torch.tensor(e.item_slots) + off] = torch.tensor(e.item_ids)
             label_pos[r] = e.label_start + off
         levels = len(encoded[0].label_codes)
-        return {
+        batch = {
             "input_ids": input_ids, "attention_mask": mask, "slot_items": slot_items,
             "label_pos": label_pos,
             "label_codes": torch.tensor([e.label_codes for e in encoded],
                                         dtype=torch.int64).reshape(b, levels),
             "target": torch.tensor([e.target for e in encoded], dtype=torch.int64),
         }
+        if self.config.dense_weight > 0:
+            # every history item after the first is a target of the tokens before it
+            rows, starts, items = [], [], []
+            for r, e in enumerate(encoded):
+                off = 0 if padding_side == "right" else t - len(e.input_ids)
+                rows += [r] * max(len(e.history_starts) - 1, 0)
+                starts += [st + off for st in e.history_starts[1:]]
+                items += e.history_items[1:]
+            batch["dense_rows"] = torch.tensor(rows, dtype=torch.int64)
+            batch["dense_starts"] = torch.tensor(starts, dtype=torch.int64)
+            batch["dense_items"] = torch.tensor(items, dtype=torch.int64)
+        if self.config.negatives == "catalogue" and self.config.subset_negatives:
+            batch["allowed"] = [e.allowed for e in encoded]
+        return batch
 
     # ------------------------------------------------------------------ embeddings
     def item_embeddings(self, item_ids=None) -> torch.Tensor:
@@ -394,7 +437,18 @@ class SigmaModel(nn.Module):
         if codes.shape[1]:
             ntp = ntp / codes.shape[1]
         nce = zero
-        if self.config.mode != "gr_sid":
+        catalogue = None  # unit ṽ of every item, computed once per step when needed
+        if self.config.mode != "gr_sid" and (self.config.negatives == "catalogue"
+                                             or self.config.dense_weight > 0):
+            catalogue = F.normalize(self.item_embeddings(), dim=-1)  # [N, H]
+        if self.config.mode != "gr_sid" and self.config.negatives == "catalogue":
+            q = self.query_embeddings(hidden[rows, label_pos + codes.shape[1]])
+            logits = q @ catalogue.T / self.config.tau               # [B, N]
+            if "allowed" in batch:
+                logits = logits.masked_fill(~self._subset_mask(batch["allowed"], dev),
+                                            float("-inf"))
+            nce = F.cross_entropy(logits, batch["target"].to(dev))
+        elif self.config.mode != "gr_sid":
             q_pos = label_pos + codes.shape[1]
             q = self.query_embeddings(hidden[rows, q_pos])           # [B, H]
             target = batch["target"]
@@ -416,7 +470,45 @@ class SigmaModel(nn.Module):
             logits = torch.cat([s_batch, s_hard], dim=1) / self.config.tau
             nce = F.cross_entropy(logits, rows)
         loss = ntp + self.config.nce_weight * nce
-        return {"loss": loss, "ntp": ntp.detach(), "nce": nce.detach()}
+        out = {"loss": loss, "ntp": ntp.detach(), "nce": nce.detach()}
+        if self.config.dense_weight > 0 and batch.get("dense_items") is not None \
+                and batch["dense_items"].numel():
+            dense = self._dense_loss(hidden, batch, catalogue)
+            out["loss"] = loss + self.config.dense_weight * dense
+            out["dense"] = dense.detach()
+        return out
+
+    def _dense_loss(self, hidden: torch.Tensor, batch: dict,
+                    catalogue: torch.Tensor | None) -> torch.Tensor:
+        """Next-token loss of every history item's prefix tokens (after the first item) and
+        InfoNCE over the catalogue between the query head at the token before its ``<item>``
+        slot and its ``ṽ`` (see ``SigmaConfig.dense_weight``)."""
+        dev = hidden.device
+        rows = batch["dense_rows"].to(dev)
+        starts = batch["dense_starts"].to(dev)
+        items = batch["dense_items"]
+        levels = self.codes.shape[1] if self.config.mode != "gr_id" else 0
+        loss = hidden.new_zeros(())
+        if levels:
+            codes = self.codes[items].to(dev)                        # [D, levels]
+            for level in range(levels):
+                h = hidden[rows, starts + level - 1]
+                loss = loss + F.cross_entropy(self.sid_logits(h, level), codes[:, level])
+            loss = loss / levels
+        if catalogue is not None:
+            q = self.query_embeddings(hidden[rows, starts + levels - 1])
+            loss = loss + self.config.nce_weight * F.cross_entropy(
+                q @ catalogue.T / self.config.tau, items.to(dev))
+        return loss
+
+    def _subset_mask(self, allowed: list, device) -> torch.Tensor:
+        """bool [B, N]: each sample's allowed subset (every item where it has none)."""
+        mask = torch.ones((len(allowed), self.num_items), dtype=torch.bool)
+        for r, a in enumerate(allowed):
+            if a is not None:
+                mask[r] = False
+                mask[r, torch.from_numpy(np.asarray(a, dtype=np.int64))] = True
+        return mask.to(device)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

@@ -72,7 +72,10 @@ DEFAULTS: dict[str, dict] = {
         "hidden_size": 128,         # tiny only
         "tau": 0.07,                # <q> / item InfoNCE temperature (and APF's tau)
         "nce_weight": 1.0,
-        "hard_negatives": 16,       # same-prefix negatives per sample
+        "hard_negatives": 16,       # same-prefix negatives per sample (negatives = "prefix")
+        "negatives": "prefix",      # <q> InfoNCE negatives: prefix (hard + batch) or catalogue
+        "subset_negatives": False,  # catalogue negatives from the sample's allowed subset
+        "dense_weight": 0.0,        # dense supervision: every history item is also a target
     },
     "train": {
         "steps": 1500,
@@ -96,7 +99,9 @@ DEFAULTS: dict[str, dict] = {
         "top_m": 50,                # M items per prefix bucket (step 3)
         "top_n": 20,
         "bootstrap": 1000,
-        "sasrec_epochs": 30,
+        "exclude_seen": True,       # items the user already consumed are not candidates
+        "sasrec_epochs": 30,        # SASRec keeps its epoch with the best validation NDCG@10
+        "sasrec_lr": 1e-3,
     },
 }
 
@@ -338,6 +343,9 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
                                        hidden_size=m["hidden_size"], seed=tr["seed"],
                                        tau=m["tau"], nce_weight=m["nce_weight"],
                                        hard_negatives=m["hard_negatives"],
+                                       negatives=m["negatives"],
+                                       subset_negatives=m["subset_negatives"],
+                                       dense_weight=m["dense_weight"],
                                        max_history=cfg["data"]["max_history"])
         n_params = sum(p.numel() for p in model.parameters())
         _say(f"[train] {variant}: {m['backbone']} backbone, {n_params / 1e6:.1f} M parameters, "
@@ -357,13 +365,20 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
 
 
 def _eval_samples(ds, cfg):
-    from .data import build_task_samples
+    from .data import build_task_samples, exclude_seen
 
     e = cfg["eval"]
     samples = build_task_samples(ds, e["split"], seed=cfg["data"]["seed"])
     if e["max_users"]:
         samples = [s for s in samples if s.user < e["max_users"]]
-    return samples
+    return exclude_seen(samples, ds) if e["exclude_seen"] else samples
+
+
+def _summary(name: str, res: dict, seconds: float, n: int) -> str:
+    a = res["all"]
+    return (f"[evaluate] {name}: HR@10 {a['HR@10']['mean']:.4f}, NDCG@10 "
+            f"{a['NDCG@10']['mean']:.4f}; illegal items {a['illegal']}, duplicates "
+            f"{a['duplicates']} ({seconds:.1f} s, {1e3 * seconds / max(n, 1):.1f} ms/request)")
 
 
 def load_variant(run_dir, variant: str, device=None):
@@ -388,15 +403,15 @@ def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None
     ds = _dataset(cfg)
     samples = _eval_samples(ds, cfg)
     _say(f"[evaluate] {len(samples)} {e['split']} samples of "
-         f"{len({s.user for s in samples})} users")
+         f"{len({s.user for s in samples})} users"
+         + (" (items already consumed are not candidates)" if e["exclude_seen"] else ""))
     results, timing = {}, {}
     for name in (baselines if baselines is not None else e["baselines"]):
         t = time.perf_counter()
         ranks = _baseline_rankings(run_dir, cfg, ds, name, samples, progress)
         timing[name] = time.perf_counter() - t
         results[name] = evaluate_rankings(samples, ranks, bootstrap=e["bootstrap"])
-        _say(f"[evaluate] {name}: HR@10 {results[name]['all']['HR@10']['mean']:.4f} "
-             f"({timing[name]:.1f} s)")
+        _say(_summary(name, results[name], timing[name], len(samples)))
     for variant in (variants if variants is not None else e["variants"]):
         model = load_variant(run_dir, variant)
         rec = Recommender(model, num_beams=e["num_beams"], top_m=e["top_m"],
@@ -406,8 +421,7 @@ def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None
         timing[variant] = time.perf_counter() - t
         results[variant] = evaluate_rankings(samples, out.item_ids.numpy(),
                                              bootstrap=e["bootstrap"])
-        _say(f"[evaluate] {variant}: HR@10 {results[variant]['all']['HR@10']['mean']:.4f} "
-             f"({timing[variant]:.1f} s, {1e3 * timing[variant] / len(samples):.1f} ms/request)")
+        _say(_summary(variant, results[variant], timing[variant], len(samples)))
     out_dir = run_dir / "eval"
     write_results(results, out_dir, title=f"{ds.name}, {e['split']} split")
     atomic_write_json(out_dir / "timing.json", timing)
@@ -431,7 +445,8 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
             model = None
     if model is None:
         model = SASRec(ds.num_items, max_len=cfg["data"]["max_history"])
-        model.fit(ds, epochs=cfg["eval"]["sasrec_epochs"], seed=cfg["train"]["seed"],
+        model.fit(ds, epochs=cfg["eval"]["sasrec_epochs"], lr=cfg["eval"]["sasrec_lr"],
+                  seed=cfg["train"]["seed"],
                   progress=progress)
         model.save(folder)
     return model.rank(samples, top_n=top_n)

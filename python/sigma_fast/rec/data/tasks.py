@@ -35,6 +35,8 @@ Template and Category-genre choices are a deterministic hash of (seed, task, use
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as _dt
 import functools
 import os
@@ -325,6 +327,24 @@ def build_task_samples(ds: RecDataset, split: str = "train", tasks=TASKS, **kwar
                        ) -> list[TaskSample]:
     """All samples of :func:`iter_task_samples` as a list."""
     return list(iter_task_samples(ds, split, tasks, **kwargs))
+
+
+def exclude_seen(samples, ds: RecDataset) -> list[TaskSample]:
+    """The samples with every item the user consumed before the target (the whole sequence up
+    to ``position``, not only the rendered history) removed from the allowed subset (from the
+    whole catalogue for tasks without one) — the usual protocol of next-item evaluation, where
+    a recommender is not credited or blamed for items the user already has. The target itself
+    stays allowed (a repeat consumption, which MovieLens does not have, stays winnable)."""
+    out = []
+    catalogue = np.arange(ds.num_items, dtype=np.int32)
+    for s in samples:
+        seen = ds.sequence(s.user)[:s.position]
+        base = catalogue if s.allowed is None else np.asarray(s.allowed, dtype=np.int32)
+        keep = ~np.isin(base, seen) | (base == s.target)
+        allowed = base[keep]
+        allowed.setflags(write=False)
+        out.append(dataclasses.replace(s, allowed=allowed))
+    return out
 
 
 def task_statistics(samples, *, path: str | os.PathLike | None = None,

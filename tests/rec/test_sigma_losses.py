@@ -1,0 +1,132 @@
+"""The training options of the SIGMA loss: catalogue negatives (optionally restricted to the
+sample's allowed subset) and dense history supervision, each checked against an explicit
+recomputation from the model's hidden states; and their round trip through save/load."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sigma_fixtures import needs_minilm, pattern_setup
+
+pytestmark = needs_minilm
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from sigma_fast.rec.data import build_task_samples
+
+    ds, items = pattern_setup(tmp_path_factory.mktemp("losses"))
+    return ds, items, build_task_samples(ds, "train")
+
+
+def _model(items, mode="sigma", **config):
+    from sigma_fast.rec.model import SigmaModel
+
+    items = items.variant()
+    return SigmaModel.from_preset("tiny", items, mode=mode, hidden_size=32, max_history=6,
+                                  **config)
+
+
+def test_catalogue_negatives_are_a_softmax_over_every_item(setup):
+    _, items, train = setup
+    model = _model(items, negatives="catalogue", nce_weight=1.0)
+    samples = train[:8]
+    batch = model.collate([model.encode(s) for s in samples])
+    with torch.no_grad():
+        out = model(batch)
+        hidden = model._hidden(batch)
+        q = model.query_embeddings(hidden[torch.arange(8), batch["label_pos"] + 1])
+        v = F.normalize(model.item_embeddings(), dim=-1)
+        expect = F.cross_entropy(q @ v.T / model.config.tau, batch["target"])
+    torch.testing.assert_close(out["nce"], expect)
+    torch.testing.assert_close(out["loss"], out["ntp"] + expect)
+
+
+def test_subset_negatives_only_compete_inside_the_allowed_subset(setup):
+    _, items, train = setup
+    model = _model(items, negatives="catalogue", subset_negatives=True)
+    samples = [s for s in train if s.allowed is not None][:4] + \
+        [s for s in train if s.allowed is None][:2]
+    assert len(samples) == 6 and len(samples[0].allowed) < model.num_items
+    batch = model.collate([model.encode(s) for s in samples])
+    with torch.no_grad():
+        out = model(batch)
+        hidden = model._hidden(batch)
+        q = model.query_embeddings(hidden[torch.arange(6), batch["label_pos"] + 1])
+        v = F.normalize(model.item_embeddings(), dim=-1)
+        logits = q @ v.T / model.config.tau
+        terms = []
+        for r, s in enumerate(samples):
+            keep = np.arange(model.num_items) if s.allowed is None else np.asarray(s.allowed)
+            row = logits[r, torch.from_numpy(keep.astype(np.int64))]
+            terms.append(torch.logsumexp(row, 0) - logits[r, s.target])
+        expect = torch.stack(terms).mean()
+    torch.testing.assert_close(out["nce"], expect)
+    # the restriction matters: the unrestricted softmax gives a larger loss
+    model.config.subset_negatives = False
+    with torch.no_grad():
+        full = model(model.collate([model.encode(s) for s in samples]))
+    assert float(full["nce"]) > float(out["nce"])
+
+
+@pytest.mark.parametrize("mode", ["sigma", "gr_id", "gr_sid"])
+def test_dense_supervision_predicts_every_history_item(setup, mode):
+    _, items, train = setup
+    model = _model(items, mode=mode, dense_weight=0.5, negatives="catalogue")
+    samples = [s for s in train if len(s.history) >= 4][:5]
+    encoded = [model.encode(s) for s in samples]
+    batch = model.collate(encoded)
+    n_dense = sum(min(len(s.history), 6) - 1 for s in samples)
+    assert batch["dense_items"].shape == (n_dense,)
+    with torch.no_grad():
+        out = model(batch)
+        hidden = model._hidden(batch)
+        ntp, nce = [], []
+        v = F.normalize(model.item_embeddings(), dim=-1)
+        for r, e in enumerate(encoded):
+            for start, item in zip(e.history_starts[1:], e.history_items[1:]):
+                levels = 0 if mode == "gr_id" else model.codes.shape[1]
+                # the item's tokens in the prompt are its SID (prefix) tokens
+                if levels:
+                    sid = e.input_ids[start:start + levels]
+                    assert sid == model.vocab.token_ids(model.codes[item]).tolist()
+                    ntp.append(sum(F.cross_entropy(model.sid_logits(hidden[r, start + lv - 1],
+                                                                    lv)[None],
+                                                   model.codes[item, lv][None])
+                                   for lv in range(levels)) / levels)
+                if mode != "gr_sid":
+                    q = model.query_embeddings(hidden[r, start + levels - 1])
+                    nce.append(F.cross_entropy((q @ v.T / model.config.tau)[None],
+                                               torch.tensor([item])))
+        expect = (torch.stack(ntp).mean() if ntp else 0) + (torch.stack(nce).mean() if nce else 0)
+    torch.testing.assert_close(out["dense"], torch.as_tensor(expect, dtype=out["dense"].dtype))
+    base = out["loss"] - 0.5 * out["dense"]
+    torch.testing.assert_close(base, out["ntp"] + out["nce"])
+
+
+def test_dense_off_adds_nothing_and_first_item_is_not_a_target(setup):
+    _, items, train = setup
+    model = _model(items)
+    s = next(x for x in train if len(x.history) >= 3)
+    batch = model.collate([model.encode(s)])
+    assert "dense_items" not in batch and "dense" not in model(batch)
+    dense = _model(items, dense_weight=1.0)
+    b = dense.collate([dense.encode(s)])
+    assert b["dense_items"].tolist() == np.asarray(s.history)[-6:][1:].tolist()
+
+
+def test_training_options_round_trip_and_are_checked(setup, tmp_path):
+    from sigma_fast.rec.model import SigmaConfig, SigmaModel
+
+    _, items, _ = setup
+    model = _model(items, dense_weight=0.25, negatives="catalogue", subset_negatives=True)
+    model.save_pretrained(tmp_path / "m")
+    loaded = SigmaModel.from_pretrained(tmp_path / "m")
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        SigmaConfig(negatives="everything").check()
+    with pytest.raises(ValueError, match="dense_weight"):
+        SigmaConfig(dense_weight=-1.0).check()
