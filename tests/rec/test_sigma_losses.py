@@ -130,3 +130,42 @@ def test_training_options_round_trip_and_are_checked(setup, tmp_path):
         SigmaConfig(negatives="everything").check()
     with pytest.raises(ValueError, match="dense_weight"):
         SigmaConfig(dense_weight=-1.0).check()
+
+
+def test_lora_trains_adapters_and_embeddings_only_and_saves_merged(setup, tmp_path):
+    """LoRA (peft) on the backbone: only the adapters, the token embeddings (new SID tokens),
+    Proj&Fuse and the query head train; the saved model holds the merged weights and generates
+    exactly what the adapted model generates."""
+    pytest.importorskip("peft", reason="LoRA needs the peft package (the [lora] extra)")
+    from sigma_fast.rec.generate import recommend
+    from sigma_fast.rec.model import SigmaModel
+
+    _, items, train = setup
+    model = _model(items, lora_rank=4, lora_layers=1)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and any("lora_B" in n for n in trained)
+    assert not any("lora_" in n and ".layers.1." in n for n in trained)  # first layer only
+    assert any("embed_tokens" in n for n in trained)
+    assert all("lora_" in n or "embed_tokens" in n or n.startswith(("proj_fuse", "query_head"))
+               for n in trained), sorted(trained)
+    frozen = model.backbone.base_model.layers[0].self_attn.q_proj.base_layer.weight
+    before = frozen.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        batch = model.collate([model.encode(s) for s in train[:8]])
+        model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(frozen, before)
+    model.eval()
+    samples = [s for s in train if s.allowed is None][:4]
+    a = recommend(model, samples, top_n=5, num_beams=3, top_m=5)
+    model.save_pretrained(tmp_path / "lora")
+    loaded = SigmaModel.from_pretrained(tmp_path / "lora")
+    assert loaded.config.lora_rank == 4 and loaded._peft is None
+    assert not any("lora_" in n for n, _ in loaded.named_parameters())
+    b = recommend(loaded, samples, top_n=5, num_beams=3, top_m=5)
+    assert torch.equal(a.item_ids, b.item_ids)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="LoRA rank"):
+        _model(items).enable_lora(0)

@@ -58,7 +58,9 @@ _FIELDS = {"mode": Field("str", choices=MODES), "backbone": Field("str"),
            "sid_levels": Field("int", lo=1), "extra": Field("dict", optional=True),
            "dense_weight": Field("float", lo=0, optional=True),
            "negatives": Field("str", choices=("prefix", "catalogue"), optional=True),
-           "subset_negatives": Field("bool", optional=True)}
+           "subset_negatives": Field("bool", optional=True),
+           "lora_rank": Field("int", lo=0, optional=True),
+           "lora_alpha": Field("float", lo=0, optional=True)}
 NEGATIVES = ("prefix", "catalogue")
 
 
@@ -85,6 +87,10 @@ class SigmaConfig:
         subset_negatives: with "catalogue", a sample with an allowed subset (Category,
             Longtail, Discover, ...) draws its negatives from that subset only, as step 3 ranks
             only inside it.
+        lora_rank: > 0 when the backbone was fine-tuned with LoRA adapters of this rank on its
+            attention and MLP projections (the ``peft`` library; see
+            :meth:`SigmaModel.enable_lora`); a saved model holds the merged weights.
+        lora_alpha: the LoRA scale numerator (the update is ``alpha / rank · B A``).
     """
 
     mode: str = "sigma"
@@ -98,6 +104,8 @@ class SigmaConfig:
     dense_weight: float = 0.0
     negatives: str = "prefix"
     subset_negatives: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
 
     def check(self) -> "SigmaConfig":
         if self.mode not in MODES:
@@ -237,17 +245,72 @@ class SigmaModel(nn.Module):
         self._item_sids: list[list[int]] = self.vocab.token_ids(self.codes).tolist()
         self._bucket_cache = None
         self._text_cache: dict[str, tuple[int, ...]] = {}
+        self._peft = None  # the peft wrapper while LoRA adapters are attached (not a submodule)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(cls, preset: str, items: HybridItemTokenizer, *, mode: str = "sigma",
                     num_layers: int | None = None, hidden_size: int = 128, seed: int = 0,
-                    **config) -> "SigmaModel":
+                    lora_rank: int = 0, lora_alpha: float | None = None,
+                    lora_layers: int | None = None, **config) -> "SigmaModel":
+        """A new (untrained) model on a preset or folder backbone (see :func:`load_backbone`);
+        ``lora_rank`` > 0 attaches LoRA adapters (:meth:`enable_lora`) to the first
+        ``lora_layers`` layers (all when None)."""
         backbone, tok = load_backbone(preset, num_layers=num_layers, hidden_size=hidden_size,
                                       seed=seed)
         cfg = SigmaConfig(mode=mode, backbone=preset, **config)
         torch.manual_seed(seed)
-        return cls(backbone, tok, items, cfg)
+        model = cls(backbone, tok, items, cfg)
+        if lora_rank:
+            model.enable_lora(lora_rank, lora_alpha, layers=lora_layers)
+        return model
+
+    LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def enable_lora(self, rank: int = 8, alpha: float | None = None, *,
+                    layers: int | None = None) -> int:
+        """Fine-tune the backbone with LoRA adapters (``peft``): rank-``rank`` updates of every
+        attention and MLP projection of the first ``layers`` decoder layers (all when None); the
+        pretrained weights are frozen except the token embeddings (tied to the LM head), which
+        hold the new SID, ``<item>`` and ``<q>`` tokens. Proj&Fuse and the query head stay
+        trainable. :meth:`save_pretrained` writes the merged weights, so a saved model loads as
+        a plain backbone. Returns the number of trainable parameters."""
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:
+            raise ImportError("LoRA fine-tuning needs the peft package: pip install "
+                              "'sigma_fast[lora]'") from exc
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive int; got {rank!r}")
+        if self._peft is not None:
+            raise RuntimeError("LoRA adapters are already attached to this model")
+        alpha = float(2 * rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0; got {alpha!r}")
+        n_layers = len(_decoder_layers(self.backbone))
+        if layers is not None and not 1 <= layers <= n_layers:
+            raise ValueError(f"LoRA layers must be in [1, {n_layers}]; got {layers!r}")
+        present = {name.rsplit(".", 1)[-1] for name, _ in self.backbone.named_modules()}
+        targets = [t for t in self.LORA_TARGETS if t in present]
+        if not targets:
+            raise ValueError(f"the backbone ({type(self.backbone).__name__}) has none of the "
+                             f"projections LoRA targets: {self.LORA_TARGETS}")
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                         layers_to_transform=None if layers is None else list(range(layers)))
+        # get_peft_model injects the adapters into self.backbone in place and freezes the rest
+        self._peft = get_peft_model(self.backbone, cfg)
+        self.backbone.get_input_embeddings().weight.requires_grad_(True)
+        self.config.lora_rank, self.config.lora_alpha = rank, alpha
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _backbone_to_save(self):
+        """The backbone as a plain Hugging Face model: with LoRA, a copy with the adapters
+        merged into the weights (``peft``'s ``merge_and_unload``)."""
+        if self._peft is None:
+            return self.backbone
+        import copy
+
+        return copy.deepcopy(self._peft).merge_and_unload()
 
     @property
     def device(self) -> torch.device:
@@ -520,7 +583,7 @@ class SigmaModel(nn.Module):
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             with _hf.quiet():
-                self.backbone.save_pretrained(tmp / BACKBONE_DIR)
+                self._backbone_to_save().save_pretrained(tmp / BACKBONE_DIR)
             self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
             self.items.save(tmp / ITEMS_DIR)
             atomic_save_tensors(tmp / HEADS_FILE,

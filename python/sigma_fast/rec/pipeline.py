@@ -76,6 +76,8 @@ DEFAULTS: dict[str, dict] = {
         "negatives": "prefix",      # <q> InfoNCE negatives: prefix (hard + batch) or catalogue
         "subset_negatives": False,  # catalogue negatives from the sample's allowed subset
         "dense_weight": 0.0,        # dense supervision: every history item is also a target
+        "lora_rank": 0,             # > 0: fine-tune a pretrained backbone with LoRA (peft)
+        "lora_layers": 0,           # LoRA on the first n layers (0 = all)
     },
     "train": {
         "steps": 1500,
@@ -346,9 +348,13 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
                                        negatives=m["negatives"],
                                        subset_negatives=m["subset_negatives"],
                                        dense_weight=m["dense_weight"],
+                                       lora_rank=m["lora_rank"],
+                                       lora_layers=m["lora_layers"] or None,
                                        max_history=cfg["data"]["max_history"])
         n_params = sum(p.numel() for p in model.parameters())
-        _say(f"[train] {variant}: {m['backbone']} backbone, {n_params / 1e6:.1f} M parameters, "
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _say(f"[train] {variant}: {m['backbone']} backbone, {n_params / 1e6:.1f} M parameters "
+             f"({n_train / 1e6:.1f} M trained{', LoRA' if m['lora_rank'] else ''}), "
              f"{len(train_samples)} training samples over 7 tasks, {tr['steps']} steps of "
              f"{tr['batch_size']}")
         config = TrainConfig(**{k: v for k, v in tr.items() if k != "variants"})
