@@ -122,10 +122,18 @@ def test_training_options_round_trip_and_are_checked(setup, tmp_path):
     from sigma_fast.rec.model import SigmaConfig, SigmaModel
 
     _, items, _ = setup
-    model = _model(items, dense_weight=0.25, negatives="catalogue", subset_negatives=True)
+    model = _model(items, dense_weight=0.25, negatives="catalogue", subset_negatives=True,
+                   trainable_ids=True)
+    assert torch.equal(model.item_embeddings(), model.items.item_embeddings(
+        torch.arange(model.num_items)))                  # the residual starts at zero
+    with torch.no_grad():
+        model.id_residual.weight.normal_()
     model.save_pretrained(tmp_path / "m")
     loaded = SigmaModel.from_pretrained(tmp_path / "m")
     assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
+    torch.testing.assert_close(loaded.item_embeddings(), model.item_embeddings())
+    assert not torch.equal(model.item_embeddings(), model.items.item_embeddings(
+        torch.arange(model.num_items)))
     with pytest.raises(ValueError, match="negatives must be one of"):
         SigmaConfig(negatives="everything").check()
     with pytest.raises(ValueError, match="dense_weight"):

@@ -60,7 +60,8 @@ _FIELDS = {"mode": Field("str", choices=MODES), "backbone": Field("str"),
            "negatives": Field("str", choices=("prefix", "catalogue"), optional=True),
            "subset_negatives": Field("bool", optional=True),
            "lora_rank": Field("int", lo=0, optional=True),
-           "lora_alpha": Field("float", lo=0, optional=True)}
+           "lora_alpha": Field("float", lo=0, optional=True),
+           "trainable_ids": Field("bool", optional=True)}
 NEGATIVES = ("prefix", "catalogue")
 
 
@@ -91,6 +92,8 @@ class SigmaConfig:
             attention and MLP projections (the ``peft`` library; see
             :meth:`SigmaModel.enable_lora`); a saved model holds the merged weights.
         lora_alpha: the LoRA scale numerator (the update is ``alpha / rank · B A``).
+        trainable_ids: add a trained per-item vector (zero at the start) to ``ṽ``, so SFT can
+            move items that the frozen tables place badly for this task mix.
     """
 
     mode: str = "sigma"
@@ -106,6 +109,7 @@ class SigmaConfig:
     subset_negatives: bool = False
     lora_rank: int = 0
     lora_alpha: float = 0.0
+    trainable_ids: bool = False
 
     def check(self) -> "SigmaConfig":
         if self.mode not in MODES:
@@ -236,6 +240,10 @@ class SigmaModel(nn.Module):
             items.build_proj_fuse(hidden)
         self.proj_fuse = items.proj_fuse  # registered so .parameters()/DDP see it
         self.query_head = nn.Linear(hidden, hidden)
+        self.id_residual = None
+        if self.config.trainable_ids:
+            self.id_residual = nn.Embedding(items.num_items, hidden)
+            nn.init.zeros_(self.id_residual.weight)
         self.vocab = items.vocab  # SIDVocab: code c of level l is token vocab.token_offsets[l] + c
         self.query_token_id = int(items.token_ids["query"])
         self.item_token_id = int(items.token_ids["item"])
@@ -427,7 +435,10 @@ class SigmaModel(nn.Module):
         """``ṽ`` [n, hidden] of the given items (all items when None)."""
         if item_ids is None:
             item_ids = torch.arange(self.num_items)
-        return self.items.item_embeddings(item_ids)
+        v = self.items.item_embeddings(item_ids)
+        if self.id_residual is not None:
+            v = v + self.id_residual(torch.as_tensor(item_ids).to(v.device))
+        return v
 
     def input_embeddings(self, input_ids: torch.Tensor, slot_items: torch.Tensor) -> torch.Tensor:
         """Token embeddings with every ``<item>`` slot replaced by its item's ``ṽ``."""
@@ -586,10 +597,10 @@ class SigmaModel(nn.Module):
                 self._backbone_to_save().save_pretrained(tmp / BACKBONE_DIR)
             self.tokenizer.save_pretrained(tmp / BACKBONE_DIR)
             self.items.save(tmp / ITEMS_DIR)
-            atomic_save_tensors(tmp / HEADS_FILE,
-                                {f"query_head.{k}": v for k, v in
-                                 self.query_head.state_dict().items()},
-                                metadata={"format": FORMAT})
+            heads = {f"query_head.{k}": v for k, v in self.query_head.state_dict().items()}
+            if self.id_residual is not None:
+                heads["id_residual.weight"] = self.id_residual.weight.detach()
+            atomic_save_tensors(tmp / HEADS_FILE, heads, metadata={"format": FORMAT})
             files = [HEADS_FILE] + _backbone_files(tmp)
             atomic_write_json(tmp / CONFIG_FILE, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self.config),
@@ -638,6 +649,10 @@ class SigmaModel(nn.Module):
                  if k.startswith("query_head.")}
         try:
             model.query_head.load_state_dict(state)
+            if model.id_residual is not None:
+                if "id_residual.weight" not in heads:
+                    raise RuntimeError("trainable_ids is set but id_residual.weight is missing")
+                model.id_residual.load_state_dict({"weight": heads["id_residual.weight"]})
         except RuntimeError as exc:
             raise ValueError(f"{directory / HEADS_FILE} does not match the model in {path}: "
                              f"{exc}") from exc

@@ -76,6 +76,7 @@ DEFAULTS: dict[str, dict] = {
         "negatives": "prefix",      # <q> InfoNCE negatives: prefix (hard + batch) or catalogue
         "subset_negatives": False,  # catalogue negatives from the sample's allowed subset
         "dense_weight": 0.0,        # dense supervision: every history item is also a target
+        "trainable_ids": False,     # a trained per-item vector added to each item's ṽ
         "lora_rank": 0,             # > 0: fine-tune a pretrained backbone with LoRA (peft)
         "lora_layers": 0,           # LoRA on the first n layers (0 = all)
     },
@@ -348,6 +349,7 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
                                        negatives=m["negatives"],
                                        subset_negatives=m["subset_negatives"],
                                        dense_weight=m["dense_weight"],
+                                       trainable_ids=m["trainable_ids"],
                                        lora_rank=m["lora_rank"],
                                        lora_layers=m["lora_layers"] or None,
                                        max_history=cfg["data"]["max_history"])
