@@ -170,3 +170,21 @@ def test_process_group_backend_follows_the_model_device(monkeypatch, device, bac
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     assert train_mod._distributed(torch.device(device)) == (2, 0, True)
     assert chosen == [backend]
+
+
+def test_task_balance_weights():
+    from types import SimpleNamespace
+
+    from sigma_fast.rec.train import TrainConfig, task_weights
+
+    samples = [SimpleNamespace(task="A")] * 90 + [SimpleNamespace(task="B")] * 10
+    assert task_weights(samples, 0.0) is None
+    w = task_weights(samples, 1.0)
+    assert float(w[:90].sum()) == pytest.approx(float(w[90:].sum()))  # every task alike
+    w = task_weights(samples, 0.5)
+    assert float(w[:90].sum() / w[90:].sum()) == pytest.approx(3.0)   # sqrt(90 / 10)
+    g = torch.Generator().manual_seed(0)
+    picks = torch.multinomial(task_weights(samples, 1.0), 20000, replacement=True, generator=g)
+    assert abs(float((picks >= 90).float().mean()) - 0.5) < 0.02
+    with pytest.raises(ValueError, match="task_balance"):
+        TrainConfig(task_balance=2.0).check()

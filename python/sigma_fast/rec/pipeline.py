@@ -91,6 +91,7 @@ DEFAULTS: dict[str, dict] = {
         "eval_samples": 200,
         "save_every": 500,
         "seed": 0,
+        "task_balance": 0.0,        # batch mix: 0 = tasks by size, 1 = every task alike
         "variants": ["sigma"],      # which variants `train` trains
     },
     "eval": {

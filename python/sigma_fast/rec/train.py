@@ -57,6 +57,9 @@ class TrainConfig:
     warm-up; min_lr_ratio: final learning rate / peak; max_grad_norm: clipping (0 = off).
     eval_every: steps between validations (0 = only at the end); eval_samples: validation
     requests used; save_every: steps between checkpoints (0 = only at the end); seed.
+    task_balance: how batches mix the tasks: a sample of a task with n training samples is
+    drawn with probability ∝ n^-task_balance (0 = every sample alike, so tasks in proportion to
+    their sizes; 1 = every task alike).
     """
 
     steps: int = 800
@@ -71,6 +74,7 @@ class TrainConfig:
     eval_samples: int = 200
     save_every: int = 200
     seed: int = 0
+    task_balance: float = 0.0
 
     def check(self) -> "TrainConfig":
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -79,10 +83,23 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum "
                              f"({self.grad_accum})")
+        if not 0 <= self.task_balance <= 1:
+            raise ValueError(f"task_balance must be in [0, 1]; got {self.task_balance!r}")
         if not self.lr > 0 or not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"need lr > 0, 0 <= warmup < 1, 0 <= min_lr_ratio <= 1; got "
                              f"{self.lr}, {self.warmup}, {self.min_lr_ratio}")
         return self
+
+
+def task_weights(samples, balance: float) -> torch.Tensor | None:
+    """float64 [n] sampling weights ∝ n_task^-balance (None when balance is 0: uniform)."""
+    if not balance:
+        return None
+    tasks = [getattr(s, "task", "") for s in samples]
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t] = counts.get(t, 0) + 1
+    return torch.tensor([counts[t] ** -balance for t in tasks], dtype=torch.float64)
 
 
 def lr_lambda(config: TrainConfig):
@@ -293,6 +310,7 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
         net = DistributedDataParallel(model, find_unused_parameters=True)
     micro = config.batch_size // config.grad_accum
     n = len(train_samples)
+    weights = task_weights(train_samples, config.task_balance)
     valid = list(valid_samples or [])[: config.eval_samples]
     eval_options = {"num_beams": 10, "top_m": 50, "batch_size": 32, **(eval_options or {})}
     show = rank == 0 and (progress if progress is not None else None)
@@ -309,7 +327,11 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
         while step < config.steps:
             _threads.adapt()  # thread counts follow the free CPUs (shared cores)
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            picks = torch.randint(n, (config.batch_size * world,), generator=g)
+            if weights is None:
+                picks = torch.randint(n, (config.batch_size * world,), generator=g)
+            else:
+                picks = torch.multinomial(weights, config.batch_size * world, replacement=True,
+                                          generator=g)
             picks = picks[rank * config.batch_size:(rank + 1) * config.batch_size].tolist()
             for a in range(config.grad_accum):
                 batch = model.collate([model.encode(train_samples[i])
