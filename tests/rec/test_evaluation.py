@@ -233,3 +233,27 @@ def test_write_results_without_matplotlib(tmp_path, monkeypatch):
         paths = write_results(two_methods(), tmp_path)
     assert sorted(p.name for p in paths) == ["results.json", "results.md"]
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_paired_difference_is_the_difference_of_means_with_a_narrower_interval():
+    from sigma_fast.rec.evaluation import paired_difference
+
+    rng = np.random.default_rng(0)
+    samples = [sample("JustForYou" if i % 2 else "Query", i % 50, int(rng.integers(20)))
+               for i in range(400)]
+    a = np.stack([rng.permutation(20)[:10] for _ in samples])
+    b = a.copy()
+    b[::3] = np.roll(b[::3], 1, axis=1)          # b differs from a on a third of the rows
+    res = paired_difference(samples, a, b, k=10, n_boot=300)
+    ea = evaluate_rankings(samples, a, hr_ks=(10,), ndcg_ks=(10,), bootstrap=300)
+    eb = evaluate_rankings(samples, b, hr_ks=(10,), ndcg_ks=(10,), bootstrap=300)
+    for task in ("Query", "JustForYou", "all"):
+        for m in ("HR@10", "NDCG@10"):
+            d = res[task][m]
+            assert d["mean"] == pytest.approx(ea[task][m]["mean"] - eb[task][m]["mean"])
+            assert d["lo"] <= d["mean"] <= d["hi"]
+            assert d["hi"] - d["lo"] < ea[task][m]["hi"] - ea[task][m]["lo"]
+    same = paired_difference(samples, a, a, n_boot=50)
+    assert same["all"]["HR@10"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    with pytest.raises(ValueError, match="one row per sample"):
+        paired_difference(samples, a[:5], b)
