@@ -314,8 +314,11 @@ def flip_byte(path, offset=-3):
 
 def resume(ckpt_parent):
     items = HybridItemTokenizer.load(RUN / "tokenizer" / "grounded_l1")
+    m = pipeline.load_config(RUN / "config.toml")["model"]  # the run's training options
     model = SigmaModel.from_preset("tiny", items, hidden_size=32, hard_negatives=2,
-                                   max_history=8, tau=0.07, nce_weight=1.0)
+                                   max_history=8, tau=0.07, nce_weight=1.0,
+                                   dense_weight=m["dense_weight"],
+                                   trainable_ids=m["trainable_ids"])
     ds = load_dataset(RUN.parent / "data", cache_dir=False, max_history=8)
     from sigma_fast.rec.data import build_task_samples
     samples = build_task_samples(ds, "train")

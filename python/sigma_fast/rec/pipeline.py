@@ -75,8 +75,8 @@ DEFAULTS: dict[str, dict] = {
         "hard_negatives": 16,       # same-prefix negatives per sample (negatives = "prefix")
         "negatives": "prefix",      # <q> InfoNCE negatives: prefix (hard + batch) or catalogue
         "subset_negatives": False,  # catalogue negatives from the sample's allowed subset
-        "dense_weight": 0.0,        # dense supervision: every history item is also a target
-        "trainable_ids": False,     # a trained per-item vector added to each item's ṽ
+        "dense_weight": 1.0,        # dense supervision: every history item is also a target
+        "trainable_ids": True,      # a trained per-item vector added to each item's ṽ
         "lora_rank": 0,             # > 0: fine-tune a pretrained backbone with LoRA (peft)
         "lora_layers": 0,           # LoRA on the first n layers (0 = all)
     },
@@ -99,13 +99,13 @@ DEFAULTS: dict[str, dict] = {
         "variants": ["sigma"],      # plus the baselines below
         "baselines": ["most_popular", "sasrec"],
         "max_users": 0,             # evaluate the first n users only (0 = all)
-        "num_beams": 10,            # K prefixes (step 1)
-        "top_m": 50,                # M items per prefix bucket (step 3)
+        "num_beams": 32,            # K prefixes (step 1)
+        "top_m": 100,               # M items per prefix bucket (step 3)
         "top_n": 20,
         "bootstrap": 1000,
         "exclude_seen": True,       # items the user already consumed are not candidates
-        "sasrec_epochs": 30,        # SASRec keeps its epoch with the best validation NDCG@10
-        "sasrec_lr": 1e-3,
+        "sasrec_epochs": 40,        # SASRec keeps its epoch with the best validation NDCG@10
+        "sasrec_lr": 2e-3,
     },
 }
 
