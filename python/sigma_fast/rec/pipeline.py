@@ -81,7 +81,7 @@ DEFAULTS: dict[str, dict] = {
         "lora_layers": 0,           # LoRA on the first n layers (0 = all)
     },
     "train": {
-        "steps": 3000,
+        "steps": 2500,
         "batch_size": 32,
         "grad_accum": 1,
         "lr": 2e-3,
