@@ -30,17 +30,22 @@ def _model(items, mode="sigma", **config):
                                   **config)
 
 
-def test_catalogue_negatives_are_a_softmax_over_every_item(setup):
-    _, items, train = setup
-    model = _model(items, negatives="catalogue", nce_weight=1.0)
-    samples = train[:8]
+def _loss_and_logits(model, samples):
+    """The model's losses on ``samples`` and the <q>-vs-catalogue logits [B, N] they use."""
     batch = model.collate([model.encode(s) for s in samples])
     with torch.no_grad():
         out = model(batch)
         hidden = model._hidden(batch)
-        q = model.query_embeddings(hidden[torch.arange(8), batch["label_pos"] + 1])
+        q = model.query_embeddings(hidden[torch.arange(len(samples)), batch["label_pos"] + 1])
         v = F.normalize(model.item_embeddings(), dim=-1)
-        expect = F.cross_entropy(q @ v.T / model.config.tau, batch["target"])
+    return batch, out, q @ v.T / model.config.tau
+
+
+def test_catalogue_negatives_are_a_softmax_over_every_item(setup):
+    _, items, train = setup
+    model = _model(items, negatives="catalogue", nce_weight=1.0)
+    batch, out, logits = _loss_and_logits(model, train[:8])
+    expect = F.cross_entropy(logits, batch["target"])
     torch.testing.assert_close(out["nce"], expect)
     torch.testing.assert_close(out["loss"], out["ntp"] + expect)
 
@@ -51,19 +56,13 @@ def test_subset_negatives_only_compete_inside_the_allowed_subset(setup):
     samples = [s for s in train if s.allowed is not None][:4] + \
         [s for s in train if s.allowed is None][:2]
     assert len(samples) == 6 and len(samples[0].allowed) < model.num_items
-    batch = model.collate([model.encode(s) for s in samples])
-    with torch.no_grad():
-        out = model(batch)
-        hidden = model._hidden(batch)
-        q = model.query_embeddings(hidden[torch.arange(6), batch["label_pos"] + 1])
-        v = F.normalize(model.item_embeddings(), dim=-1)
-        logits = q @ v.T / model.config.tau
-        terms = []
-        for r, s in enumerate(samples):
-            keep = np.arange(model.num_items) if s.allowed is None else np.asarray(s.allowed)
-            row = logits[r, torch.from_numpy(keep.astype(np.int64))]
-            terms.append(torch.logsumexp(row, 0) - logits[r, s.target])
-        expect = torch.stack(terms).mean()
+    _, out, logits = _loss_and_logits(model, samples)
+    terms = []
+    for r, s in enumerate(samples):
+        keep = np.arange(model.num_items) if s.allowed is None else np.asarray(s.allowed)
+        row = logits[r, torch.from_numpy(keep.astype(np.int64))]
+        terms.append(torch.logsumexp(row, 0) - logits[r, s.target])
+    expect = torch.stack(terms).mean()
     torch.testing.assert_close(out["nce"], expect)
     # the restriction matters: the unrestricted softmax gives a larger loss
     model.config.subset_negatives = False
