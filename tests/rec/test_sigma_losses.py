@@ -71,6 +71,27 @@ def test_subset_negatives_only_compete_inside_the_allowed_subset(setup):
     assert float(full["nce"]) > float(out["nce"])
 
 
+def test_subset_weight_adds_a_softmax_inside_the_allowed_subset(setup):
+    _, items, train = setup
+    samples = [s for s in train if s.allowed is not None][:3] + \
+        [s for s in train if s.allowed is None][:3]
+    base = _model(items)
+    model = _model(items, subset_weight=0.5)
+    model.load_state_dict(base.state_dict())
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (same hard negatives)
+    batch = model.collate([model.encode(s) for s in samples])
+    with torch.no_grad():
+        plain = base(base.collate([base.encode(s) for s in samples]), generator=g())
+        out = model(batch, generator=g())
+    _, _, logits = _loss_and_logits(model, samples)
+    terms = [torch.logsumexp(logits[r, torch.from_numpy(np.asarray(s.allowed, np.int64))], 0)
+             - logits[r, s.target] for r, s in enumerate(samples[:3])]
+    expect = torch.stack(terms).mean()  # only the samples with a subset
+    torch.testing.assert_close(out["subset"], expect)
+    torch.testing.assert_close(out["nce"], plain["nce"])
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.5 * expect)
+
+
 @pytest.mark.parametrize("mode", ["sigma", "gr_id", "gr_sid"])
 def test_dense_supervision_predicts_every_history_item(setup, mode):
     _, items, train = setup

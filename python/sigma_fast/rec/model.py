@@ -59,6 +59,7 @@ _FIELDS = {"mode": Field("str", choices=MODES), "backbone": Field("str"),
            "dense_weight": Field("float", lo=0, optional=True),
            "negatives": Field("str", choices=("prefix", "catalogue"), optional=True),
            "subset_negatives": Field("bool", optional=True),
+           "subset_weight": Field("float", lo=0, optional=True),
            "lora_rank": Field("int", lo=0, optional=True),
            "lora_alpha": Field("float", lo=0, optional=True),
            "trainable_ids": Field("bool", optional=True)}
@@ -88,6 +89,10 @@ class SigmaConfig:
         subset_negatives: with "catalogue", a sample with an allowed subset (Category,
             Longtail, Discover, ...) draws its negatives from that subset only, as step 3 ranks
             only inside it.
+        subset_weight: weight of an extra InfoNCE term (0 = off) for samples with an allowed
+            subset: the label's ``<q>`` against every item of the subset, beside the
+            ``negatives`` term, so the subset tasks learn to rank inside their subset while
+            the other tasks keep their negatives.
         lora_rank: > 0 when the backbone was fine-tuned with LoRA adapters of this rank on its
             attention and MLP projections (the ``peft`` library; see
             :meth:`SigmaModel.enable_lora`); a saved model holds the merged weights.
@@ -107,6 +112,7 @@ class SigmaConfig:
     dense_weight: float = 0.0
     negatives: str = "prefix"
     subset_negatives: bool = False
+    subset_weight: float = 0.0
     lora_rank: int = 0
     lora_alpha: float = 0.0
     trainable_ids: bool = False
@@ -121,6 +127,8 @@ class SigmaConfig:
                              f"got {self.nce_weight}, {self.hard_negatives}, {self.max_history}")
         if not self.dense_weight >= 0:
             raise ValueError(f"dense_weight must be >= 0; got {self.dense_weight!r}")
+        if not self.subset_weight >= 0:
+            raise ValueError(f"subset_weight must be >= 0; got {self.subset_weight!r}")
         if self.negatives not in NEGATIVES:
             raise ValueError(f"negatives must be one of {NEGATIVES}; got {self.negatives!r}")
         return self
@@ -426,7 +434,8 @@ class SigmaModel(nn.Module):
             batch["dense_rows"] = torch.tensor(rows, dtype=torch.int64)
             batch["dense_starts"] = torch.tensor(starts, dtype=torch.int64)
             batch["dense_items"] = torch.tensor(items, dtype=torch.int64)
-        if self.config.negatives == "catalogue" and self.config.subset_negatives:
+        if (self.config.negatives == "catalogue" and self.config.subset_negatives) \
+                or self.config.subset_weight > 0:
             batch["allowed"] = [e.allowed for e in encoded]
         return batch
 
@@ -518,7 +527,7 @@ class SigmaModel(nn.Module):
         if self.config.mode != "gr_sid" and self.config.negatives == "catalogue":
             q = self.query_embeddings(hidden[rows, label_pos + codes.shape[1]])
             logits = q @ catalogue.T / self.config.tau               # [B, N]
-            if "allowed" in batch:
+            if "allowed" in batch and self.config.subset_negatives:
                 logits = logits.masked_fill(~self._subset_mask(batch["allowed"], dev),
                                             float("-inf"))
             nce = F.cross_entropy(logits, batch["target"].to(dev))
@@ -545,10 +554,22 @@ class SigmaModel(nn.Module):
             nce = F.cross_entropy(logits, rows)
         loss = ntp + self.config.nce_weight * nce
         out = {"loss": loss, "ntp": ntp.detach(), "nce": nce.detach()}
+        if self.config.subset_weight > 0 and self.config.mode != "gr_sid":
+            has = [r for r, a in enumerate(batch.get("allowed") or []) if a is not None]
+            if has:
+                if catalogue is None:
+                    catalogue = F.normalize(self.item_embeddings(), dim=-1)
+                pick = torch.tensor(has, dtype=torch.int64)
+                logits = q[pick.to(dev)] @ catalogue.T / self.config.tau
+                logits = logits.masked_fill(
+                    ~self._subset_mask([batch["allowed"][r] for r in has], dev), float("-inf"))
+                subset = F.cross_entropy(logits, batch["target"][pick].to(dev))
+                out["loss"] = out["loss"] + self.config.subset_weight * subset
+                out["subset"] = subset.detach()
         if self.config.dense_weight > 0 and batch.get("dense_items") is not None \
                 and batch["dense_items"].numel():
             dense = self._dense_loss(hidden, batch, catalogue)
-            out["loss"] = loss + self.config.dense_weight * dense
+            out["loss"] = out["loss"] + self.config.dense_weight * dense
             out["dense"] = dense.detach()
         return out
 

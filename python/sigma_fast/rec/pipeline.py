@@ -75,6 +75,7 @@ DEFAULTS: dict[str, dict] = {
         "hard_negatives": 16,       # same-prefix negatives per sample (negatives = "prefix")
         "negatives": "prefix",      # <q> InfoNCE negatives: prefix (hard + batch) or catalogue
         "subset_negatives": False,  # catalogue negatives from the sample's allowed subset
+        "subset_weight": 0.0,       # extra InfoNCE inside the allowed subset (beside negatives)
         "dense_weight": 1.0,        # dense supervision: every history item is also a target
         "trainable_ids": True,      # a trained per-item vector added to each item's ṽ
         "lora_rank": 0,             # > 0: fine-tune a pretrained backbone with LoRA (peft)
@@ -349,6 +350,7 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
                                        hard_negatives=m["hard_negatives"],
                                        negatives=m["negatives"],
                                        subset_negatives=m["subset_negatives"],
+                                       subset_weight=m["subset_weight"],
                                        dense_weight=m["dense_weight"],
                                        trainable_ids=m["trainable_ids"],
                                        lora_rank=m["lora_rank"],
