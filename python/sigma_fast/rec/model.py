@@ -526,10 +526,8 @@ class SigmaModel(nn.Module):
             catalogue = F.normalize(self.item_embeddings(), dim=-1)  # [N, H]
         if self.config.mode != "gr_sid" and self.config.negatives == "catalogue":
             q = self.query_embeddings(hidden[rows, label_pos + codes.shape[1]])
-            logits = q @ catalogue.T / self.config.tau               # [B, N]
-            if "allowed" in batch and self.config.subset_negatives:
-                logits = logits.masked_fill(~self._subset_mask(batch["allowed"], dev),
-                                            float("-inf"))
+            logits = self._catalogue_logits(                         # [B, N]
+                q, catalogue, batch["allowed"] if self.config.subset_negatives else None)
             nce = F.cross_entropy(logits, batch["target"].to(dev))
         elif self.config.mode != "gr_sid":
             q_pos = label_pos + codes.shape[1]
@@ -560,9 +558,8 @@ class SigmaModel(nn.Module):
                 if catalogue is None:
                     catalogue = F.normalize(self.item_embeddings(), dim=-1)
                 pick = torch.tensor(has, dtype=torch.int64)
-                logits = q[pick.to(dev)] @ catalogue.T / self.config.tau
-                logits = logits.masked_fill(
-                    ~self._subset_mask([batch["allowed"][r] for r in has], dev), float("-inf"))
+                logits = self._catalogue_logits(q[pick.to(dev)], catalogue,
+                                                [batch["allowed"][r] for r in has])
                 subset = F.cross_entropy(logits, batch["target"][pick].to(dev))
                 out["loss"] = out["loss"] + self.config.subset_weight * subset
                 out["subset"] = subset.detach()
@@ -593,8 +590,17 @@ class SigmaModel(nn.Module):
         if catalogue is not None:
             q = self.query_embeddings(hidden[rows, starts + levels - 1])
             loss = loss + self.config.nce_weight * F.cross_entropy(
-                q @ catalogue.T / self.config.tau, items.to(dev))
+                self._catalogue_logits(q, catalogue, None), items.to(dev))
         return loss
+
+    def _catalogue_logits(self, q: torch.Tensor, catalogue: torch.Tensor,
+                          allowed: list | None) -> torch.Tensor:
+        """[B, N] similarities of ``q`` to every item over τ; with ``allowed``, the items
+        outside each row's allowed subset are -inf."""
+        logits = q @ catalogue.T / self.config.tau
+        if allowed is not None:
+            logits = logits.masked_fill(~self._subset_mask(allowed, q.device), float("-inf"))
+        return logits
 
     def _subset_mask(self, allowed: list, device) -> torch.Tensor:
         """bool [B, N]: each sample's allowed subset (every item where it has none)."""
