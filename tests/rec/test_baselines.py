@@ -153,6 +153,55 @@ def test_sasrec_fit_is_deterministic_per_seed(cyclic):
     assert "valid_hr@10" not in a.history[0]
 
 
+def test_sasrec_sampled_softmax_with_cosine_learns_the_pattern(tmp_path, cyclic):
+    model = SASRec(N, dim=32, num_blocks=1, num_heads=2, max_len=8, dropout=0.1, normalize=True)
+    model.fit(cyclic, epochs=20, batch_size=16, lr=1e-2, seed=0, progress=False,
+              loss="sampled", num_negatives=6, temperature=0.1)
+    samples = build_task_samples(cyclic, "valid", ("JustForYou",))
+    res = evaluate_rankings(samples, model.rank(samples, top_n=5), hr_ks=(1,), ndcg_ks=(),
+                            bootstrap=0)
+    assert res["JustForYou"]["HR@1"]["mean"] >= 0.95
+    assert model.train_settings["loss"] == "sampled"
+    assert model.train_settings["num_negatives"] == 6
+    # scores are cosines: scaling an item's embedding does not move it in the ranking
+    h = torch.randn(3, 32)
+    before = model.item_logits(h)
+    with torch.no_grad():
+        model.item_emb.weight[5] *= 7.0
+    assert torch.allclose(model.item_logits(h), before, atol=1e-5)
+    assert before.abs().max() <= 1.0 + 1e-5
+    # item_logits over a subset equals the matching columns of the full scores
+    items = torch.tensor([4, 0, 11])
+    assert torch.allclose(model.item_logits(h, items), model.item_logits(h)[:, items])
+    model.save(tmp_path / "m")
+    loaded = SASRec.load(tmp_path / "m")
+    assert loaded.normalize and loaded.train_settings == model.train_settings
+    assert np.array_equal(loaded.rank(samples, top_n=N), model.rank(samples, top_n=N))
+
+
+def test_sasrec_sampled_softmax_masks_draws_equal_to_the_target():
+    model = SASRec(4, dim=8, num_blocks=1, num_heads=1, max_len=4)
+    h = torch.randn(2, 8)
+    target = torch.tensor([1, 2])
+    gen = torch.Generator().manual_seed(0)
+    # Four draws from four items: with masking, a row's loss equals the loss over its target
+    # and the distinct other items drawn; without it the target would count twice.
+    loss = model._sampled_softmax(h, target, 64, 1.0, gen)
+    full = model.item_logits(h)
+    expect = torch.nn.functional.cross_entropy(full, target)  # 64 draws cover all 4 items
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randint(4, (64,), generator=gen)
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+    # each other item appears several times among the draws: compare with the counts
+    counts = torch.bincount(draws, minlength=4).float()
+    logits = full + counts.log()
+    pos = full.gather(1, target[:, None]).squeeze(1)
+    logits = logits.scatter(1, target[:, None], float("-inf"))
+    manual = (torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos).mean()
+    assert torch.allclose(loss, manual, atol=1e-5)
+    assert not torch.allclose(loss, expect, atol=1e-3)
+
+
 def test_sasrec_errors(cyclic, popular, trained):
     with pytest.raises(ValueError, match="divisible"):
         SASRec(10, dim=30, num_heads=4)
@@ -160,6 +209,14 @@ def test_sasrec_errors(cyclic, popular, trained):
         SASRec(0)
     with pytest.raises(ValueError, match="built for 5"):
         SASRec(5).fit(cyclic, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="loss must be 'softmax' or 'sampled'"):
+        SASRec(N).fit(cyclic, epochs=1, progress=False, loss="bpr")
+    with pytest.raises(ValueError, match="num_negatives must be a positive int"):
+        SASRec(N).fit(cyclic, epochs=1, progress=False, loss="sampled", num_negatives=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        SASRec(N).fit(cyclic, epochs=1, progress=False, temperature=0.0)
+    with pytest.raises(ValueError, match="normalize must be a bool"):
+        SASRec(N, normalize="yes")
     with pytest.raises(ValueError, match="nothing to train"):
         SASRec(popular.num_items).fit(popular, epochs=1, progress=False)
     with pytest.raises(ValueError, match="sample 1 history: item index 12 is out of range"):

@@ -9,6 +9,7 @@ with -1 when a subset holds fewer than ``top_n`` items; ties go to the smaller i
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,8 @@ _WEIGHTS_FILE = "sasrec.safetensors"
 _FIELDS = {"num_items": Field("int", lo=1), "dim": Field("int", lo=1),
            "num_blocks": Field("int", lo=1), "num_heads": Field("int", lo=1),
            "max_len": Field("int", lo=1), "dropout": Field("float", lo=0, hi=1),
-           "history": Field("list", optional=True)}
+           "normalize": Field("bool", optional=True),
+           "history": Field("list", optional=True), "train": Field("dict", optional=True)}
 
 
 def _check_top_n(top_n) -> int:
@@ -122,14 +124,16 @@ class SASRec(nn.Module):
 
     Item embedding + learned positional embedding -> ``num_blocks`` causal pre-LN self-attention
     blocks -> final LayerNorm; the score of item i after a prefix is the dot product of the last
-    hidden state with item i's embedding (input and output embeddings are shared). Sequences are
+    hidden state with item i's embedding (input and output embeddings are shared; with
+    ``normalize``, both are L2-normalised first, so the score is their cosine). Sequences are
     left-aligned in a window of ``max_len`` and padded on the right (token 0 is padding, item i
     is token i + 1), so an item's positional embedding is its place in the window both in
     training and at ranking time; with causal attention no real position ever sees padding.
     """
 
     def __init__(self, num_items: int, dim: int = 64, num_blocks: int = 2, num_heads: int = 2,
-                 max_len: int = 50, dropout: float = 0.2, *, device: str | torch.device = "cpu"):
+                 max_len: int = 50, dropout: float = 0.2, *, normalize: bool = False,
+                 device: str | torch.device = "cpu"):
         super().__init__()
         for name, value in (("num_items", num_items), ("dim", dim), ("num_blocks", num_blocks),
                             ("num_heads", num_heads), ("max_len", max_len)):
@@ -141,12 +145,16 @@ class SASRec(nn.Module):
             raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
         self.num_items, self.dim, self.num_blocks = int(num_items), int(dim), int(num_blocks)
         self.num_heads, self.max_len, self.dropout = int(num_heads), int(max_len), float(dropout)
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise ValueError(f"normalize must be a bool; got {normalize!r}")
+        self.normalize = bool(normalize)
         self.item_emb = nn.Embedding(self.num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(self.max_len, dim)
         self.emb_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(dim, num_heads, dropout) for _ in range(num_blocks))
         self.ln = nn.LayerNorm(dim)
         self.history: list[dict] = []
+        self.train_settings: dict = {}  # what fit() was called with
         self._reset(0)
         self.to(device)
 
@@ -156,7 +164,8 @@ class SASRec(nn.Module):
 
     def config(self) -> dict:
         return {"num_items": self.num_items, "dim": self.dim, "num_blocks": self.num_blocks,
-                "num_heads": self.num_heads, "max_len": self.max_len, "dropout": self.dropout}
+                "num_heads": self.num_heads, "max_len": self.max_len, "dropout": self.dropout,
+                "normalize": self.normalize}
 
     def _reset(self, seed: int) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -188,9 +197,13 @@ class SASRec(nn.Module):
             x = block(x) * keep
         return self.ln(x)
 
-    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Scores of every item, float32 [..., num_items]."""
-        return hidden @ self.item_emb.weight[1:].T
+    def item_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of every item (or of the item indices ``items`` [K]), float32 [..., N or K]."""
+        table = self.item_emb.weight[1:] if items is None else self.item_emb.weight[items + 1]
+        if self.normalize:
+            hidden = F.normalize(hidden, dim=-1, eps=1e-6)
+            table = F.normalize(table, dim=-1, eps=1e-6)
+        return hidden @ table.T
 
     # --------------------------------------------------------------- training
 
@@ -219,10 +232,15 @@ class SASRec(nn.Module):
 
     def fit(self, ds, epochs: int = 20, batch_size: int = 128, lr: float = 1e-3, *,
             weight_decay: float = 0.0, seed: int = 0, progress: bool | None = None,
-            valid: bool = True) -> "SASRec":
+            valid: bool = True, loss: str = "softmax", num_negatives: int = 128,
+            temperature: float = 1.0) -> "SASRec":
         """Train from a fresh seeded initialisation on ``ds``'s training split only: every
-        position of every training sequence predicts the next item (full softmax cross-entropy
-        over the catalogue), Adam, shuffled windows. With ``valid``, each epoch also measures
+        position of every training sequence predicts the next item, Adam, shuffled windows.
+        ``loss="softmax"`` is cross-entropy over the whole catalogue; ``loss="sampled"`` is a
+        sampled softmax over the target and ``num_negatives`` items drawn uniformly for each
+        step (shared by the step's positions; a draw equal to a position's target is masked
+        out for that position). Logits are divided by ``temperature`` (with ``normalize``, a
+        cosine over a temperature such as 0.05). With ``valid``, each epoch also measures
         JustForYou HR@10 and NDCG@10 on the validation targets and the weights of the epoch with
         the best NDCG@10 are kept (ties: the later epoch). ``self.history`` records each epoch's
         loss (and validation metrics). Deterministic for a
@@ -237,12 +255,24 @@ class SASRec(nn.Module):
             raise ValueError(f"epochs must be a positive int; got {epochs!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        if loss not in ("softmax", "sampled"):
+            raise ValueError(f"loss must be 'softmax' or 'sampled'; got {loss!r}")
+        if not isinstance(num_negatives, int) or isinstance(num_negatives, bool) \
+                or num_negatives < 1:
+            raise ValueError(f"num_negatives must be a positive int; got {num_negatives!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
         _check_items(np.asarray(ds.seq_items), self.num_items, f"dataset {ds.name!r}")
         x_all, y_all = self._windows(ds)
         valid_samples = self._valid_samples(ds) if valid else []
         device = self.device
         self._reset(seed)
         self.history = []
+        self.train_settings = {"epochs": epochs, "batch_size": batch_size, "lr": float(lr),
+                               "weight_decay": float(weight_decay), "seed": seed, "loss": loss,
+                               "num_negatives": num_negatives,
+                               "temperature": float(temperature)}
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         n = len(x_all)
@@ -264,15 +294,20 @@ class SASRec(nn.Module):
                     idx = perm[start:start + batch_size]
                     x, y = x_all[idx].to(device), y_all[idx].to(device)
                     keep = y >= 0
-                    h = self(x)[keep]
-                    loss = F.cross_entropy(self.item_logits(h), y[keep])
+                    h, target = self(x)[keep], y[keep]
+                    if loss == "softmax":
+                        step_loss = F.cross_entropy(self.item_logits(h) / temperature, target)
+                    else:
+                        step_loss = self._sampled_softmax(h, target, num_negatives,
+                                                          temperature, gen)
                     opt.zero_grad()
-                    loss.backward()
+                    step_loss.backward()
                     opt.step()
-                    total += loss.item() * int(keep.sum())
+                    total += step_loss.item() * int(keep.sum())
                     count += int(keep.sum())
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}", refresh=False)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss.item():.4f}",
+                                    refresh=False)
                 record = {"epoch": epoch + 1, "loss": total / max(count, 1)}
                 if valid_samples:
                     record.update(self._validate(valid_samples))
@@ -286,6 +321,21 @@ class SASRec(nn.Module):
         if best_state is not None:
             self.load_state_dict(best_state)
         return self.eval()
+
+    def _sampled_softmax(self, h: torch.Tensor, target: torch.Tensor, num_negatives: int,
+                         temperature: float, gen: torch.Generator) -> torch.Tensor:
+        """Cross-entropy of each target against ``num_negatives`` uniform draws."""
+        negatives = torch.randint(self.num_items, (num_negatives,), generator=gen)
+        negatives = negatives.to(h.device)
+        if self.normalize:
+            pos = (F.normalize(h, dim=-1, eps=1e-6)
+                   * F.normalize(self.item_emb(target + 1), dim=-1, eps=1e-6)).sum(-1)
+        else:
+            pos = (h * self.item_emb(target + 1)).sum(-1)
+        neg = self.item_logits(h, negatives)
+        neg = neg.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
+        logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros_like(target))
 
     def _validate(self, samples) -> dict:
         ranks = self.rank(samples, top_n=10)
@@ -366,7 +416,7 @@ class SASRec(nn.Module):
                             metadata={"format": _FORMAT})
         atomic_write_json(directory / _CONFIG_FILE, {
             "format": _FORMAT, "format_version": _FORMAT_VERSION, **self.config(),
-            "history": self.history,
+            "history": self.history, "train": self.train_settings,
             "files_sha256": {_WEIGHTS_FILE: sha256_file(directory / _WEIGHTS_FILE)}})
         return directory
 
@@ -378,7 +428,8 @@ class SASRec(nn.Module):
         digest = recorded_digests(config, path, [_WEIGHTS_FILE], since=2)[_WEIGHTS_FILE]
         try:
             model = cls(config["num_items"], config["dim"], config["num_blocks"],
-                        config["num_heads"], config["max_len"], float(config["dropout"]))
+                        config["num_heads"], config["max_len"], float(config["dropout"]),
+                        normalize=bool(config.get("normalize", False)))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: malformed SASRec config: {exc}") from exc
         try:
@@ -387,4 +438,5 @@ class SASRec(nn.Module):
         except RuntimeError as exc:
             raise ValueError(f"{directory / _WEIGHTS_FILE} does not match {path}: {exc}") from exc
         model.history = list(config.get("history", []))
+        model.train_settings = dict(config.get("train", {}))
         return model.to(device).eval()

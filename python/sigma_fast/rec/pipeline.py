@@ -107,6 +107,12 @@ DEFAULTS: dict[str, dict] = {
         "exclude_seen": True,       # items the user already consumed are not candidates
         "sasrec_epochs": 40,        # SASRec keeps its epoch with the best validation NDCG@10
         "sasrec_lr": 2e-3,
+        "sasrec_dim": 64,
+        "sasrec_heads": 2,
+        "sasrec_loss": "softmax",   # softmax (whole catalogue) or sampled
+        "sasrec_negatives": 128,    # uniform negatives per step of the sampled softmax
+        "sasrec_normalize": False,  # cosine of L2-normalised embeddings
+        "sasrec_temperature": 1.0,  # logits / temperature
     },
 }
 
@@ -446,7 +452,14 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
     top_n = cfg["eval"]["top_n"]
     if name == "most_popular":
         return MostPopular(ds).rank(samples, top_n=top_n)
+    e = cfg["eval"]
     folder = Path(run_dir) / "baselines" / "sasrec"
+    shape = dict(num_items=ds.num_items, dim=e["sasrec_dim"], num_blocks=2,
+                 num_heads=e["sasrec_heads"], max_len=cfg["data"]["max_history"], dropout=0.2,
+                 normalize=e["sasrec_normalize"])
+    fit = dict(epochs=e["sasrec_epochs"], lr=float(e["sasrec_lr"]), seed=cfg["train"]["seed"],
+               loss=e["sasrec_loss"], num_negatives=e["sasrec_negatives"],
+               temperature=float(e["sasrec_temperature"]))
     model = None
     if folder.is_dir():
         try:
@@ -454,11 +467,13 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
         except (FileNotFoundError, ValueError) as exc:
             _say(f"[evaluate] retraining SASRec: the saved one cannot be used ({exc})")
             model = None
+        if model is not None and (model.config() != shape or any(
+                model.train_settings.get(k) != v for k, v in fit.items())):
+            _say("[evaluate] retraining SASRec: the saved one was trained with other settings")
+            model = None
     if model is None:
-        model = SASRec(ds.num_items, max_len=cfg["data"]["max_history"])
-        model.fit(ds, epochs=cfg["eval"]["sasrec_epochs"], lr=cfg["eval"]["sasrec_lr"],
-                  seed=cfg["train"]["seed"],
-                  progress=progress)
+        model = SASRec(**shape)
+        model.fit(ds, progress=progress, **fit)
         model.save(folder)
     return model.rank(samples, top_n=top_n)
 
