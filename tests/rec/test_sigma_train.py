@@ -188,3 +188,19 @@ def test_task_balance_weights():
     assert abs(float((picks >= 90).float().mean()) - 0.5) < 0.02
     with pytest.raises(ValueError, match="task_balance"):
         TrainConfig(task_balance=2.0).check()
+
+
+def test_per_task_weights_multiply_the_balance():
+    from types import SimpleNamespace
+
+    from sigma_fast.rec.train import TrainConfig, task_weights
+
+    samples = [SimpleNamespace(task="A")] * 90 + [SimpleNamespace(task="B")] * 10
+    assert task_weights(samples, 0.0, {"A": 1.0, "B": 1.0}) is None
+    w = task_weights(samples, 0.0, {"B": 9.0})
+    assert float(w[:90].sum()) == pytest.approx(float(w[90:].sum()))
+    w = task_weights(samples, 1.0, {"B": 3.0, "C": 5.0})  # tasks without samples are ignored
+    assert float(w[90:].sum() / w[:90].sum()) == pytest.approx(3.0)
+    for bad in (0.0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match=r"task_weights\['B'\] must be a finite number > 0"):
+            TrainConfig(task_weights={"B": bad}).check()

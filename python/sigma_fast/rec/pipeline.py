@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, load_npy
+from .data.tasks import TASKS
 
 __all__ = ["DEFAULTS", "VARIANTS", "BASELINES", "load_config", "write_config", "prepare",
            "ground", "tokenize", "train", "evaluate", "load_variant", "request_builder",
@@ -93,6 +94,7 @@ DEFAULTS: dict[str, dict] = {
         "save_every": 500,
         "seed": 0,
         "task_balance": 0.0,        # batch mix: 0 = tasks by size, 1 = every task alike
+        "task_weights": {t: 1.0 for t in TASKS},  # extra sampling weight per task
         "variants": ["sigma"],      # which variants `train` trains
     },
     "eval": {
