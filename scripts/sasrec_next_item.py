@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                    max_len=args.max_len, dropout=args.dropout, normalize=args.normalize)
     t0 = time.perf_counter()
     model.fit(ds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-              loss=args.loss, num_negatives=args.negatives, temperature=args.temperature)
+              loss=args.loss, num_negatives=args.negatives, temperature=args.temperature,
+              progress=True)
     train_s = time.perf_counter() - t0
     best = max(model.history, key=lambda r: r["valid_ndcg@10"])
     samples = list(iter_task_samples(ds, "test", ("JustForYou",)))

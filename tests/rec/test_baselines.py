@@ -181,25 +181,26 @@ def test_sasrec_sampled_softmax_with_cosine_learns_the_pattern(tmp_path, cyclic)
 
 def test_sasrec_sampled_softmax_masks_draws_equal_to_the_target():
     model = SASRec(4, dim=8, num_blocks=1, num_heads=1, max_len=4)
-    h = torch.randn(2, 8)
-    target = torch.tensor([1, 2])
-    gen = torch.Generator().manual_seed(0)
-    # Four draws from four items: with masking, a row's loss equals the loss over its target
-    # and the distinct other items drawn; without it the target would count twice.
-    loss = model._sampled_softmax(h, target, 64, 1.0, gen)
-    full = model.item_logits(h)
-    expect = torch.nn.functional.cross_entropy(full, target)  # 64 draws cover all 4 items
-    gen = torch.Generator().manual_seed(0)
-    draws = torch.randint(4, (64,), generator=gen)
-    assert set(draws.tolist()) == {0, 1, 2, 3}
-    # each other item appears several times among the draws: compare with the counts
-    counts = torch.bincount(draws, minlength=4).float()
-    logits = full + counts.log()
-    pos = full.gather(1, target[:, None]).squeeze(1)
-    logits = logits.scatter(1, target[:, None], float("-inf"))
-    manual = (torch.logsumexp(torch.cat([pos[:, None], logits], 1), 1) - pos).mean()
-    assert torch.allclose(loss, manual, atol=1e-5)
-    assert not torch.allclose(loss, expect, atol=1e-3)
+    hidden = torch.randn(2, 3, 8)
+    y = torch.tensor([[1, 2, -100], [3, 0, 0]])
+    loss = model._sampled_softmax(hidden, y, 64, 0.5, torch.Generator().manual_seed(0))
+    # the same draws, by hand: each sequence's 64 draws, counted per item; a position's loss is
+    # logsumexp over its target and every draw of another item, minus the target's logit
+    draws = torch.randint(4, (2, 64), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for r in range(2):
+        counts = torch.bincount(draws[r], minlength=4).float()
+        assert (counts > 0).all()  # every item drawn: no position degenerates
+        for t in range(3):
+            if y[r, t] < 0:
+                continue
+            full = model.item_logits(hidden[r, t]) / 0.5
+            target = int(y[r, t])
+            others = (full + counts.log()).clone()
+            others[target] = float("-inf")
+            losses.append(torch.logsumexp(torch.cat([full[target:target + 1], others]), 0)
+                          - full[target])
+    assert torch.allclose(loss, torch.stack(losses).mean(), atol=1e-5)
 
 
 def test_sasrec_errors(cyclic, popular, trained):

@@ -238,8 +238,8 @@ class SASRec(nn.Module):
         position of every training sequence predicts the next item, Adam, shuffled windows.
         ``loss="softmax"`` is cross-entropy over the whole catalogue; ``loss="sampled"`` is a
         sampled softmax over the target and ``num_negatives`` items drawn uniformly for each
-        step (shared by the step's positions; a draw equal to a position's target is masked
-        out for that position). Logits are divided by ``temperature`` (with ``normalize``, a
+        training sequence (shared by its positions; a draw equal to a position's target is
+        masked out for that position). Logits are divided by ``temperature`` (with ``normalize``, a
         cosine over a temperature such as 0.05). With ``valid``, each epoch also measures
         JustForYou HR@10 and NDCG@10 on the validation targets and the weights of the epoch with
         the best NDCG@10 are kept (ties: the later epoch). ``self.history`` records each epoch's
@@ -294,11 +294,12 @@ class SASRec(nn.Module):
                     idx = perm[start:start + batch_size]
                     x, y = x_all[idx].to(device), y_all[idx].to(device)
                     keep = y >= 0
-                    h, target = self(x)[keep], y[keep]
+                    hidden = self(x)
                     if loss == "softmax":
-                        step_loss = F.cross_entropy(self.item_logits(h) / temperature, target)
+                        step_loss = F.cross_entropy(self.item_logits(hidden[keep]) / temperature,
+                                                    y[keep])
                     else:
-                        step_loss = self._sampled_softmax(h, target, num_negatives,
+                        step_loss = self._sampled_softmax(hidden, y, num_negatives,
                                                           temperature, gen)
                     opt.zero_grad()
                     step_loss.backward()
@@ -322,20 +323,30 @@ class SASRec(nn.Module):
             self.load_state_dict(best_state)
         return self.eval()
 
-    def _sampled_softmax(self, h: torch.Tensor, target: torch.Tensor, num_negatives: int,
+    def _sampled_softmax(self, hidden: torch.Tensor, y: torch.Tensor, num_negatives: int,
                          temperature: float, gen: torch.Generator) -> torch.Tensor:
-        """Cross-entropy of each target against ``num_negatives`` uniform draws."""
-        negatives = torch.randint(self.num_items, (num_negatives,), generator=gen)
-        negatives = negatives.to(h.device)
+        """Mean cross-entropy of each target against ``num_negatives`` uniform draws.
+
+        hidden float [B, L, dim]; y int64 [B, L] targets, -100 where padding. Every sequence
+        draws its own negatives, shared by its positions (a draw equal to a position's target
+        is masked out there), so a step of B sequences touches B × num_negatives items."""
+        b = hidden.shape[0]
+        negatives = torch.randint(self.num_items, (b, num_negatives), generator=gen)
+        negatives = negatives.to(hidden.device)
+        target = y.clamp(min=0)
+        h, pos_e, neg_e = hidden, self.item_emb(target + 1), self.item_emb(negatives + 1)
         if self.normalize:
-            pos = (F.normalize(h, dim=-1, eps=1e-6)
-                   * F.normalize(self.item_emb(target + 1), dim=-1, eps=1e-6)).sum(-1)
-        else:
-            pos = (h * self.item_emb(target + 1)).sum(-1)
-        neg = self.item_logits(h, negatives)
-        neg = neg.masked_fill(negatives.unsqueeze(0) == target.unsqueeze(1), float("-inf"))
-        logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / temperature
-        return F.cross_entropy(logits, torch.zeros_like(target))
+            h = F.normalize(h, dim=-1, eps=1e-6)
+            pos_e = F.normalize(pos_e, dim=-1, eps=1e-6)
+            neg_e = F.normalize(neg_e, dim=-1, eps=1e-6)
+        pos = (h * pos_e).sum(-1)                                  # [B, L]
+        neg = torch.bmm(h, neg_e.transpose(1, 2))                  # [B, L, num_negatives]
+        neg = neg.masked_fill(negatives[:, None, :] == target[..., None], float("-inf"))
+        logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1) / temperature
+        keep = y >= 0
+        logits = logits[keep]
+        return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long,
+                                                   device=logits.device))
 
     def _validate(self, samples) -> dict:
         ranks = self.rank(samples, top_n=10)
