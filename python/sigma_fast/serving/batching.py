@@ -226,13 +226,8 @@ class MicroBatcher:
             except BaseException as exc:  # noqa: BLE001 - delivered to every waiting request
                 results = [exc] * len(batch)
             t1 = time.monotonic()
-            failed = 0
-            for r, res in zip(batch, results):
-                if isinstance(res, BaseException):
-                    r.future.set_exception(res)
-                    failed += 1
-                else:
-                    r.future.set_result(res)
+            failed = sum(isinstance(res, BaseException) for res in results)
+            # Metrics first, so that a caller who has its result sees its batch counted.
             with self._cond:
                 self._running = 0
                 # The rate of well-filled batches (the one overload sees): small batches cost
@@ -250,6 +245,11 @@ class MicroBatcher:
                 for r in batch:
                     self._latency.append(t1 - r.t_submit)
                     self._queue_wait.append(t0 - r.t_submit)
+            for r, res in zip(batch, results):
+                if isinstance(res, BaseException):
+                    r.future.set_exception(res)
+                else:
+                    r.future.set_result(res)
 
     # -------------------------------------------------------------------------- metrics
     def metrics(self) -> dict:
