@@ -200,10 +200,11 @@ class SASRec(nn.Module):
     def item_logits(self, hidden: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item (or of the item indices ``items`` [K]), float32 [..., N or K]."""
         table = self.item_emb.weight[1:] if items is None else self.item_emb.weight[items + 1]
-        if self.normalize:
-            hidden = F.normalize(hidden, dim=-1, eps=1e-6)
-            table = F.normalize(table, dim=-1, eps=1e-6)
-        return hidden @ table.T
+        return self._unit(hidden) @ self._unit(table).T
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the scoring space: L2-normalised rows with ``normalize``, else as is."""
+        return F.normalize(x, dim=-1, eps=1e-6) if self.normalize else x
 
     # --------------------------------------------------------------- training
 
@@ -334,11 +335,9 @@ class SASRec(nn.Module):
         negatives = torch.randint(self.num_items, (b, num_negatives), generator=gen)
         negatives = negatives.to(hidden.device)
         target = y.clamp(min=0)
-        h, pos_e, neg_e = hidden, self.item_emb(target + 1), self.item_emb(negatives + 1)
-        if self.normalize:
-            h = F.normalize(h, dim=-1, eps=1e-6)
-            pos_e = F.normalize(pos_e, dim=-1, eps=1e-6)
-            neg_e = F.normalize(neg_e, dim=-1, eps=1e-6)
+        h = self._unit(hidden)
+        pos_e = self._unit(self.item_emb(target + 1))
+        neg_e = self._unit(self.item_emb(negatives + 1))
         pos = (h * pos_e).sum(-1)                                  # [B, L]
         neg = torch.bmm(h, neg_e.transpose(1, 2))                  # [B, L, num_negatives]
         neg = neg.masked_fill(negatives[:, None, :] == target[..., None], float("-inf"))

@@ -112,7 +112,7 @@ DEFAULTS: dict[str, dict] = {
         "sasrec_dim": 64,
         "sasrec_heads": 2,
         "sasrec_loss": "softmax",   # softmax (whole catalogue) or sampled
-        "sasrec_negatives": 128,    # uniform negatives per step of the sampled softmax
+        "sasrec_negatives": 128,    # uniform negatives per sequence (sampled softmax)
         "sasrec_normalize": False,  # cosine of L2-normalised embeddings
         "sasrec_temperature": 1.0,  # logits / temperature
     },
