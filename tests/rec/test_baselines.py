@@ -179,6 +179,17 @@ def test_sasrec_sampled_softmax_with_cosine_learns_the_pattern(tmp_path, cyclic)
     assert np.array_equal(loaded.rank(samples, top_n=N), model.rank(samples, top_n=N))
 
 
+def test_sasrec_cosine_item_vectors_start_small():
+    # Under cosine scores Adam turns an item vector by about lr·√dim/‖e‖ a step: the cosine
+    # model starts its item vectors at std 0.02 (the published recipe), the dot-product model at
+    # std dim^-½ (norm ≈ 1); padding stays zero in both.
+    dim = 50
+    for normalize, expected in ((True, 0.02 * dim ** 0.5), (False, 1.0)):
+        norms = SASRec(500, dim=dim, num_heads=1, normalize=normalize).item_emb.weight.norm(dim=1)
+        assert norms[0] == 0
+        assert abs(float(norms[1:].mean()) / expected - 1) < 0.25, (normalize, norms.mean())
+
+
 def test_sasrec_sampled_softmax_masks_draws_equal_to_the_target():
     model = SASRec(4, dim=8, num_blocks=1, num_heads=1, max_len=4)
     hidden = torch.randn(2, 3, 8)

@@ -300,3 +300,26 @@ def test_exclude_seen_removes_consumed_items_but_keeps_the_target(crafted):
     rep = [e for e in out if e.user == u2 and e.task == "JustForYou"][0]
     assert ds.item_ids[rep.target] == "hit" and rep.target in rep.allowed.tolist()
     assert rep.target in ds.sequence(u2)[:rep.position].tolist()
+
+
+def test_exclude_seen_last_removes_only_the_most_recent_items(crafted):
+    from sigma_fast.rec.data import exclude_seen
+
+    ds = crafted
+    samples = build_task_samples(ds, "test")
+    for last in (1, 2):
+        out = exclude_seen(samples, ds, last=last)
+        for s, e in zip(samples, out):
+            seen = set(ds.sequence(s.user)[:s.position][-last:].tolist())
+            base = set(range(ds.num_items)) if s.allowed is None else set(s.allowed.tolist())
+            assert set(e.allowed.tolist()) == (base - seen) | {s.target}
+        # the window matters: some history is longer than it
+        assert any(not np.array_equal(a.allowed, b.allowed)
+                   for a, b in zip(out, exclude_seen(samples, ds)))
+    # a window longer than every history removes what the default removes
+    long = exclude_seen(samples, ds, last=10_000)
+    assert all(np.array_equal(a.allowed, b.allowed)
+               for a, b in zip(long, exclude_seen(samples, ds)))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="last must be a positive int"):
+            exclude_seen(samples, ds, last=bad)

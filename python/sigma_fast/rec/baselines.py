@@ -178,6 +178,13 @@ class SASRec(nn.Module):
                     nn.init.normal_(m.weight, std=self.dim ** -0.5)
                 elif isinstance(m, nn.LayerNorm):
                     m.reset_parameters()
+            if self.normalize:
+                # Cosine scores see an item vector's direction only, and Adam moves each
+                # coordinate by about lr per step whatever its scale, so the angle an item turns
+                # per step is about lr·√dim / ‖e‖: item vectors of norm ≈ 1 (std dim^-½) stay
+                # near their random directions for epochs. The published recipe starts them at
+                # std 0.02 (norm ≈ 0.02·√dim), which turns them ~7× faster at dim 50.
+                nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
             with torch.no_grad():
                 self.item_emb.weight[0].zero_()
 

@@ -329,16 +329,23 @@ def build_task_samples(ds: RecDataset, split: str = "train", tasks=TASKS, **kwar
     return list(iter_task_samples(ds, split, tasks, **kwargs))
 
 
-def exclude_seen(samples, ds: RecDataset) -> list[TaskSample]:
+def exclude_seen(samples, ds: RecDataset, *, last: int | None = None) -> list[TaskSample]:
     """The samples with every item the user consumed before the target (the whole sequence up
     to ``position``, not only the rendered history) removed from the allowed subset (from the
     whole catalogue for tasks without one) — the usual protocol of next-item evaluation, where
     a recommender is not credited or blamed for items the user already has. The target itself
-    stays allowed (a repeat consumption, which MovieLens does not have, stays winnable)."""
+    stays allowed (a repeat consumption, which MovieLens does not have, stays winnable).
+    ``last`` removes only the user's ``last`` items before the target (a sequential model's
+    input window, as some published protocols do)."""
+    if last is not None and (not isinstance(last, (int, np.integer)) or isinstance(last, bool)
+                             or last < 1):
+        raise ValueError(f"last must be a positive int or None; got {last!r}")
     out = []
     catalogue = np.arange(ds.num_items, dtype=np.int32)
     for s in samples:
         seen = ds.sequence(s.user)[:s.position]
+        if last is not None:
+            seen = seen[-last:]
         base = catalogue if s.allowed is None else np.asarray(s.allowed, dtype=np.int32)
         keep = ~np.isin(base, seen) | (base == s.target)
         allowed = base[keep]
