@@ -185,7 +185,8 @@ def test_sasrec_cosine_item_vectors_start_small():
     # std dim^-½ (norm ≈ 1); padding stays zero in both.
     dim = 50
     for normalize, expected in ((True, 0.02 * dim ** 0.5), (False, 1.0)):
-        norms = SASRec(500, dim=dim, num_heads=1, normalize=normalize).item_emb.weight.norm(dim=1)
+        model = SASRec(500, dim=dim, num_heads=1, normalize=normalize)
+        norms = model.item_emb.weight.detach().norm(dim=1)
         assert norms[0] == 0
         assert abs(float(norms[1:].mean()) / expected - 1) < 0.25, (normalize, norms.mean())
 
@@ -251,3 +252,31 @@ def test_sasrec_beats_most_popular_on_ml100k():
                for name, ranker in (("MostPopular", MostPopular(ds)), ("SASRec", model))}
     assert results["SASRec"]["HR@10"]["mean"] > results["MostPopular"]["HR@10"]["mean"]
     assert results["SASRec"]["NDCG@10"]["mean"] > results["MostPopular"]["NDCG@10"]["mean"]
+
+
+def test_pipeline_reuses_a_saved_sasrec_only_when_shape_settings_and_init_match(
+        tmp_path, cyclic, capsys):
+    import copy
+    import json
+
+    from sigma_fast.rec import pipeline
+
+    cfg = copy.deepcopy(pipeline.DEFAULTS)
+    cfg["data"]["max_history"] = 8
+    cfg["eval"].update(sasrec_epochs=2, sasrec_dim=16, sasrec_heads=1, sasrec_loss="sampled",
+                       sasrec_negatives=4, sasrec_normalize=True, sasrec_temperature=0.1)
+    samples = build_task_samples(cyclic, "valid", ("JustForYou",))
+    first = pipeline._baseline_rankings(tmp_path, cfg, cyclic, "sasrec", samples, False)
+    saved = tmp_path / "baselines" / "sasrec"
+    stamp = (saved / "sasrec.safetensors").stat().st_mtime_ns
+    again = pipeline._baseline_rankings(tmp_path, cfg, cyclic, "sasrec", samples, False)
+    assert np.array_equal(first, again) and "retraining" not in capsys.readouterr().out
+    assert (saved / "sasrec.safetensors").stat().st_mtime_ns == stamp
+    # a model saved before the initialisation was recorded (or with another one) is retrained
+    conf_path = saved / "sasrec_config.json"
+    conf = json.loads(conf_path.read_text())
+    del conf["train"]["item_init_std"]
+    conf_path.write_text(json.dumps(conf))
+    pipeline._baseline_rankings(tmp_path, cfg, cyclic, "sasrec", samples, False)
+    assert "trained with other settings" in capsys.readouterr().out
+    assert SASRec.load(saved).train_settings["item_init_std"] == 0.02

@@ -473,7 +473,8 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
             _say(f"[evaluate] retraining SASRec: the saved one cannot be used ({exc})")
             model = None
         if model is not None and (model.config() != shape or any(
-                model.train_settings.get(k) != v for k, v in fit.items())):
+                model.train_settings.get(k) != v for k, v in fit.items())
+                or model.train_settings.get("item_init_std") != model.item_init_std):
             _say("[evaluate] retraining SASRec: the saved one was trained with other settings")
             model = None
     if model is None:
