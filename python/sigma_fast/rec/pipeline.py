@@ -111,10 +111,11 @@ DEFAULTS: dict[str, dict] = {
         "sasrec_lr": 2e-3,
         "sasrec_dim": 64,
         "sasrec_heads": 2,
-        "sasrec_loss": "softmax",   # softmax (whole catalogue) or sampled
+        "sasrec_loss": "sampled",   # sampled (softmax over the target and uniform negatives)
+                                    # or softmax (whole catalogue)
         "sasrec_negatives": 128,    # uniform negatives per sequence (sampled softmax)
-        "sasrec_normalize": False,  # cosine of L2-normalised embeddings
-        "sasrec_temperature": 1.0,  # logits / temperature
+        "sasrec_normalize": True,   # cosine of L2-normalised embeddings
+        "sasrec_temperature": 0.05, # logits / temperature
     },
 }
 
