@@ -473,9 +473,11 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
         except (FileNotFoundError, ValueError) as exc:
             _say(f"[evaluate] retraining SASRec: the saved one cannot be used ({exc})")
             model = None
-        if model is not None and (model.config() != shape or any(
-                model.train_settings.get(k) != v for k, v in fit.items())
-                or model.train_settings.get("item_init_std") != model.item_init_std):
+    if model is not None:
+        # the initialisation is a setting too: a model saved before it was recorded retrains
+        expected = fit | {"item_init_std": model.item_init_std}
+        if model.config() != shape or any(model.train_settings.get(k) != v
+                                          for k, v in expected.items()):
             _say("[evaluate] retraining SASRec: the saved one was trained with other settings")
             model = None
     if model is None:
