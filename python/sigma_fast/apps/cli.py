@@ -300,7 +300,8 @@ def _run_args(p, default_run="runs/demo"):
                    help="TOML file overriding the defaults (sections data, grounding, tokenizer, "
                         "model, train, eval; see `sigma-fast config`)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one setting, e.g. --set train.steps=300 (repeatable)")
+                   help="override one setting, e.g. --set train.steps=300 (repeatable; saved "
+                        "in the run's config.toml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
