@@ -204,3 +204,25 @@ def test_per_task_weights_multiply_the_balance():
     for bad in (0.0, -1.0, float("inf"), True, "2"):
         with pytest.raises(ValueError, match=r"task_weights\['B'\] must be a finite number > 0"):
             TrainConfig(task_weights={"B": bad}).check()
+
+
+def test_fused_adamw_gives_the_plain_update():
+    from sigma_fast.rec.train import TrainConfig, _adamw
+
+    torch.manual_seed(0)
+    fast = [torch.nn.Parameter(torch.randn(50, 8)), torch.nn.Parameter(torch.randn(7))]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in fast]
+    start = [p.detach().clone() for p in fast]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt = _adamw(fast, cfg)
+    ref = torch.optim.AdamW(plain, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    assert opt.param_groups[0]["fused"] is True
+    for _ in range(5):
+        for p, q in zip(fast, plain):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q, s in zip(fast, plain, start):
+        torch.testing.assert_close(p, q)
+        assert (p - s).abs().min() > 0  # every entry moved
