@@ -155,8 +155,8 @@ def _distributed(device: torch.device):
 def _adamw(params: list, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW, with torch's fused kernel where it has one for the parameters (float tensors on
     CPU or CUDA): one pass over each tensor instead of one per elementwise operation, the same
-    update up to float rounding. On two CPU cores this takes the optimizer from about 15 % of an
-    SFT step to 2 %. A checkpoint keeps the setting it was made with, so a resumed run continues
+    update up to float rounding. On two CPU cores this takes the optimizer from about 14 % of a
+    demo SFT step to 4 % (bench/bench_optimizer.py). A checkpoint keeps the setting it was made with, so a resumed run continues
     with the same kernel."""
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
