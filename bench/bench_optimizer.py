@@ -2,13 +2,13 @@
 against torch's default AdamW on the same parameters.
 
 Workload: the trainable parameters of the demo's ``tiny`` SIGMA backbone (2 Llama layers, hidden
-128, the 30,522-token MiniLM WordPiece vocabulary plus about a thousand semantic-ID tokens, tied embeddings:
-4.33 M floats, most of them the embedding table), with random gradients; one
+128, the 30,522-token MiniLM WordPiece vocabulary plus about a thousand semantic-ID tokens, tied
+embeddings: 4.33 M floats, most of them the embedding table), with random gradients; one
 ``optimizer.step()`` per call. Roofline unit: the bytes an AdamW step must move, 7 × 4 per
 parameter (read the parameter, its gradient and both moments; write the parameter and both
-moments), against an in-place streaming update measured in the same run (torch's ``mul_`` over
-256 MiB on every thread: the same read-modify-write pattern; the conftest's single-threaded copy
-rate understates what two threads reach).
+moments), against an in-place streaming update measured in the same run (torch's ``mul_`` over 256
+MiB on every thread: the same read-modify-write pattern; the conftest's single-threaded copy rate
+understates what two threads reach).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Multi-task instruction SFT of a ``SigmaModel`` (DESIGN.md §1.3).
 
-AdamW (torch's fused kernel where it has one) with linear warm-up then a cosine decay (to ``min_lr_ratio`` of the peak), gradient
-accumulation, gradient clipping, batches mixing every task, periodic validation HR@10 with the
-model's own generation, and a checkpoint (model + optimizer + schedule + step) written atomically
-every ``save_every`` steps and at the end; ``resume=True`` continues from it and gives the same
-weights as an uninterrupted run (batches and hard negatives are drawn from generators seeded by
-(seed, step)). Training runs under :func:`~sigma_fast.rec.determinism.deterministic`, so two
-runs of the same configuration give bit-identical weights on the same machine.
+AdamW (torch's fused kernel where it has one) with linear warm-up then a cosine decay (to
+``min_lr_ratio`` of the peak), gradient accumulation, gradient clipping, batches mixing every
+task, periodic validation HR@10 with the model's own generation, and a checkpoint (model +
+optimizer + schedule + step) written atomically every ``save_every`` steps and at the end;
+``resume=True`` continues from it and gives the same weights as an uninterrupted run (batches and
+hard negatives are drawn from generators seeded by (seed, step)). Training runs under
+:func:`~sigma_fast.rec.determinism.deterministic`, so two runs of the same configuration give
+bit-identical weights on the same machine.
 
 A checkpoint holds only tensors and JSON (``model/`` as ``save_pretrained``,
 ``trainer_state.safetensors`` with the model, optimizer and RNG tensors, ``trainer_state.json``
@@ -156,8 +157,8 @@ def _adamw(params: list, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW, with torch's fused kernel where it has one for the parameters (float tensors on
     CPU or CUDA): one pass over each tensor instead of one per elementwise operation, the same
     update up to float rounding. On two CPU cores this takes the optimizer from about 14 % of a
-    demo SFT step to 4 % (bench/bench_optimizer.py). A checkpoint keeps the setting it was made with, so a resumed run continues
-    with the same kernel."""
+    demo SFT step to 4 % (bench/bench_optimizer.py). A checkpoint keeps the setting it was made
+    with, so a resumed run continues with the same kernel."""
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
         kwargs["fused"] = True
