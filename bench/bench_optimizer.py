@@ -18,18 +18,16 @@ import time
 import pytest
 import torch
 
-VOCAB, HIDDEN, LAYERS = 30_522 + 4 * 256 + 4, 128, 2
+SID_TOKENS = 4 * 256 + 4  # ID tokens SigmaModel adds to the vocabulary (levels × codes, specials)
 PROVIDERS = ("sigma_fast (fused AdamW)", "torch AdamW (default)")
 
 
 def _parameters():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from sigma_fast.rec.model import load_backbone
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=True)
-    params = [p for p in LlamaForCausalLM(cfg).parameters() if p.requires_grad]
+    backbone, tokenizer = load_backbone("tiny", hidden_size=128, seed=0)
+    backbone.resize_token_embeddings(len(tokenizer) + SID_TOKENS, mean_resizing=False)
+    params = [p for p in backbone.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     return params

@@ -51,9 +51,10 @@ def _diagnose(rec, samples, k: int = 10) -> dict:
     recalled = (out.prefixes == prefix[:, None, :]).all(-1).any(1).numpy()
     queries = torch.nn.functional.normalize(out.queries.float(), dim=-1)
     allowed = allowed_masks(samples, model.num_items)
+    vectors_t = rec.item_vectors.cpu().T
     flat = np.zeros(len(samples), dtype=bool)
     for r in range(len(samples)):
-        sims = (queries[r] @ rec.item_vectors.cpu().T).max(0).values
+        sims = (queries[r] @ vectors_t).max(0).values
         if allowed is not None:
             sims = sims.masked_fill(~allowed[r], float("-inf"))
         flat[r] = bool((sims.topk(k).indices == target[r]).any())
