@@ -7,7 +7,7 @@ Run directory layout::
     run/config.toml                 the full configuration (every default written out)
     run/data/                       dataset summary, task statistics
     run/grounding/                  text features, ID (BPR) embeddings, grounded embeddings,
-                                    agreement report
+                                   agreement report
     run/tokenizer/<name>/           hybrid item tokenizers (RQ + item tables) per variant input
     run/train/<variant>/            SFT checkpoints and history
     run/models/<variant>/           trained SIGMA models (save_pretrained)
@@ -112,7 +112,7 @@ DEFAULTS: dict[str, dict] = {
         "sasrec_dim": 64,
         "sasrec_heads": 2,
         "sasrec_loss": "sampled",   # sampled (softmax over the target and uniform negatives)
-                                    # or softmax (whole catalogue)
+                                   # or softmax (whole catalogue)
         "sasrec_negatives": 128,    # uniform negatives per sequence (sampled softmax)
         "sasrec_normalize": True,   # cosine of L2-normalised embeddings
         "sasrec_temperature": 0.05, # logits / temperature
@@ -149,7 +149,7 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist"
-                                    + (" (it is a directory)" if path.is_dir() else ""))
+                                   + (" (it is a directory)" if path.is_dir() else ""))
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -268,8 +268,11 @@ def prepare(run_dir, cfg: dict) -> dict:
     return summary
 
 
-def ground(run_dir, cfg: dict, *, progress=None) -> dict:
-    """Text features → multi-view grounding (BPR teacher, L_CL + λ·L_KD) → agreement report."""
+def ground(run_dir, cfg: dict, *, progress=None, id_embeddings=None) -> dict:
+    """Text features → multi-view grounding (BPR teacher, L_CL + λ·L_KD) → agreement report.
+
+    ``id_embeddings`` float [num_items, d]: a collaborative table to use as the teacher instead
+    of training BPR (see :func:`~sigma_fast.rec.grounding.ground_dataset`)."""
     from .grounding import ground_dataset
 
     run_dir = Path(run_dir)
@@ -286,7 +289,7 @@ def ground(run_dir, cfg: dict, *, progress=None) -> dict:
                          dim=g["dim"], epochs=g["epochs"], tau=g["tau"], lam=g["lam"],
                          pairs_per_epoch=g["pairs_per_epoch"] or None,
                          id_dim=g["id_dim"], id_epochs=g["id_epochs"], seed=g["seed"],
-                         progress=progress)
+                         id_embeddings=id_embeddings, progress=progress)
     feats = res.text_features if res.text_features is not None else features
     atomic_save_npy(out / "grounded.npy", res.grounded.astype(np.float32))
     atomic_save_npy(out / "id_embeddings.npy", res.id_embeddings.astype(np.float32))
@@ -334,10 +337,30 @@ def _variant_mode(variant: str) -> str:
     return {"gr_sid": "gr_sid", "gr_id": "gr_id"}.get(variant, "sigma")
 
 
+def sigma_model(cfg: dict, items, variant: str = "sigma"):
+    """A freshly initialised :class:`~sigma_fast.rec.model.SigmaModel` of ``variant`` as the
+    config's ``model`` section describes it, over the item tokenizer ``items``."""
+    from .model import SigmaModel
+
+    m, tr = cfg["model"], cfg["train"]
+    return SigmaModel.from_preset(m["backbone"], items, mode=_variant_mode(variant),
+                                  num_layers=m["num_layers"] or None,
+                                  hidden_size=m["hidden_size"], seed=tr["seed"],
+                                  tau=m["tau"], nce_weight=m["nce_weight"],
+                                  hard_negatives=m["hard_negatives"],
+                                  negatives=m["negatives"],
+                                  subset_negatives=m["subset_negatives"],
+                                  subset_weight=m["subset_weight"],
+                                  dense_weight=m["dense_weight"],
+                                  trainable_ids=m["trainable_ids"],
+                                  lora_rank=m["lora_rank"],
+                                  lora_layers=m["lora_layers"] or None,
+                                  max_history=cfg["data"]["max_history"])
+
+
 def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
     """SFT of each variant's model on every task's training samples."""
     from .data import build_task_samples
-    from .model import SigmaModel
     from .tokenization import HybridItemTokenizer
     from .train import TrainConfig, train_sigma
 
@@ -355,19 +378,7 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
             continue
         tok_dir = _require(run_dir / "tokenizer" / _tokenizer_name(variant), "tokenize")
         items = HybridItemTokenizer.load(tok_dir)
-        model = SigmaModel.from_preset(m["backbone"], items, mode=_variant_mode(variant),
-                                       num_layers=m["num_layers"] or None,
-                                       hidden_size=m["hidden_size"], seed=tr["seed"],
-                                       tau=m["tau"], nce_weight=m["nce_weight"],
-                                       hard_negatives=m["hard_negatives"],
-                                       negatives=m["negatives"],
-                                       subset_negatives=m["subset_negatives"],
-                                       subset_weight=m["subset_weight"],
-                                       dense_weight=m["dense_weight"],
-                                       trainable_ids=m["trainable_ids"],
-                                       lora_rank=m["lora_rank"],
-                                       lora_layers=m["lora_layers"] or None,
-                                       max_history=cfg["data"]["max_history"])
+        model = sigma_model(cfg, items, variant)
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         _say(f"[train] {variant}: {m['backbone']} backbone, {n_params / 1e6:.1f} M parameters "
@@ -412,7 +423,7 @@ def load_variant(run_dir, variant: str, device=None):
         raise ValueError(f"unknown variant {variant!r}; expected names from {VARIANTS}")
     name = "sigma" if variant == "no_apf" else variant
     return SigmaModel.from_pretrained(_require(Path(run_dir) / "models" / name, "train"),
-                                      device=device)
+                                     device=device)
 
 
 def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None) -> dict:
@@ -443,7 +454,7 @@ def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None
         out = rec(samples, top_n=e["top_n"], progress=progress)
         timing[variant] = time.perf_counter() - t
         results[variant] = evaluate_rankings(samples, out.item_ids.numpy(),
-                                             bootstrap=e["bootstrap"])
+                                            bootstrap=e["bootstrap"])
         _say(_summary(variant, results[variant], timing[variant], len(samples)))
     out_dir = run_dir / "eval"
     write_results(results, out_dir, title=f"{ds.name}, {e['split']} split")
@@ -452,20 +463,26 @@ def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None
     return results
 
 
+def sasrec_settings(cfg: dict, num_items: int) -> tuple[dict, dict]:
+    """The SASRec baseline's (constructor arguments, ``fit`` arguments) from the config."""
+    e = cfg["eval"]
+    shape = dict(num_items=num_items, dim=e["sasrec_dim"], num_blocks=2,
+                 num_heads=e["sasrec_heads"], max_len=cfg["data"]["max_history"], dropout=0.2,
+                 normalize=e["sasrec_normalize"])
+    fit = dict(epochs=e["sasrec_epochs"], lr=float(e["sasrec_lr"]), seed=cfg["train"]["seed"],
+               loss=e["sasrec_loss"], num_negatives=e["sasrec_negatives"],
+               temperature=float(e["sasrec_temperature"]))
+    return shape, fit
+
+
 def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
     from .baselines import MostPopular, SASRec
 
     top_n = cfg["eval"]["top_n"]
     if name == "most_popular":
         return MostPopular(ds).rank(samples, top_n=top_n)
-    e = cfg["eval"]
     folder = Path(run_dir) / "baselines" / "sasrec"
-    shape = dict(num_items=ds.num_items, dim=e["sasrec_dim"], num_blocks=2,
-                 num_heads=e["sasrec_heads"], max_len=cfg["data"]["max_history"], dropout=0.2,
-                 normalize=e["sasrec_normalize"])
-    fit = dict(epochs=e["sasrec_epochs"], lr=float(e["sasrec_lr"]), seed=cfg["train"]["seed"],
-               loss=e["sasrec_loss"], num_negatives=e["sasrec_negatives"],
-               temperature=float(e["sasrec_temperature"]))
+    shape, fit = sasrec_settings(cfg, ds.num_items)
     model = None
     if folder.is_dir():
         try:
@@ -477,7 +494,7 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
         # the initialisation is a setting too: a model saved before it was recorded retrains
         expected = fit | {"item_init_std": model.item_init_std}
         if model.config() != shape or any(model.train_settings.get(k) != v
-                                          for k, v in expected.items()):
+                                         for k, v in expected.items()):
             _say("[evaluate] retraining SASRec: the saved one was trained with other settings")
             model = None
     if model is None:

@@ -41,7 +41,7 @@ _FIELDS = {"agreement": Field("dict"), "k": Field("int", lo=1)}
 class GroundingResult:
     model: object                 # sigma_fast.rec.grounding.GroundingModel (the tower's head)
     grounded: np.ndarray          # float32 [I, dim], unit rows
-    id_embeddings: np.ndarray     # float32 [I, d_id], the frozen BPR teacher
+    id_embeddings: np.ndarray     # float32 [I, d_id], the frozen teacher (BPR, or a given table)
     agreement: dict               # {"text": r, "id": r, "grounded": r} recall@k on held-out pairs
     k: int
     text_features: np.ndarray | None = None  # float32 [I, H], the frozen LM's raw features
@@ -122,6 +122,7 @@ def ground_dataset(ds: RecDataset, features: np.ndarray | None = None, *,
                    tau: float = 0.05, lam: float = 1.0,
                    id_dim: int = 64, id_epochs: int = 10, window: int = 3, k_attr: int = 10,
                    k_sem: int = 10, k_eval: int = 20, seed: int = 0,
+                   id_embeddings: np.ndarray | None = None,
                    progress: bool | None = None) -> GroundingResult:
     """Build the views, train the BPR teacher and the text tower, and report the held-out
     agreement (see the module docstring).
@@ -133,7 +134,19 @@ def ground_dataset(ds: RecDataset, features: np.ndarray | None = None, *,
     whole LM (meant for a GPU ``device``); see :func:`train_text_tower`.
     The frozen features feed the semantic view and the "text" row of the report, and are kept in
     ``result.text_features`` (the "without grounding" ablation).
+
+    ``id_embeddings`` float [num_items, d]: a collaborative table to use as the teacher (e.g. the
+    item embeddings of a trained sequential model) instead of training BPR (``id_dim`` and
+    ``id_epochs`` are then unused).
     """
+    if id_embeddings is not None:
+        id_embeddings = np.asarray(id_embeddings)
+        if (id_embeddings.ndim != 2 or id_embeddings.shape[0] != ds.num_items
+                or not np.issubdtype(id_embeddings.dtype, np.floating)):
+            raise ValueError(f"id_embeddings must be a float [num_items = {ds.num_items}, d] "
+                             f"table; got {id_embeddings.dtype} {list(id_embeddings.shape)}")
+        if not np.isfinite(id_embeddings).all():
+            raise ValueError("id_embeddings must be finite; got NaN or infinite values")
     inputs = None
     if features is not None:
         if train_layers or finetune:
@@ -159,8 +172,11 @@ def ground_dataset(ds: RecDataset, features: np.ndarray | None = None, *,
                                      k=k_attr))
     views.append(neighbour_pairs(features, k=k_sem))
     view = merge_views(*views)
-    id_emb = train_bpr(users, items, num_users=ds.num_users, num_items=ds.num_items,
-                       dim=id_dim, epochs=id_epochs, seed=seed, progress=progress)
+    if id_embeddings is not None:
+        id_emb = id_embeddings.astype(np.float32)
+    else:
+        id_emb = train_bpr(users, items, num_users=ds.num_users, num_items=ds.num_items,
+                           dim=id_dim, epochs=id_epochs, seed=seed, progress=progress)
     tower = train_text_tower(ds.item_texts, view.pairs, id_emb, encoder=encoder,
                              train_layers=train_layers, finetune=finetune,
                              weights=view.weights, dim=dim, epochs=epochs,
