@@ -4,6 +4,7 @@ user sequences follow a learnable pattern (item k is followed by item k + 1)."""
 import calendar
 import datetime as dt
 import importlib.util
+import json
 
 import pytest
 
@@ -41,6 +42,21 @@ def write_pattern_dataset(folder, *, users=60, seed=0):
             rows.append((f"u{u}", f"i{(start + t) % NUM_ITEMS}", base + (u * 13 + t) * 86400 * 5))
     write(folder / "pat.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
     return folder
+
+
+def small_run_settings(data):
+    """`sigma-fast` arguments for a run on the pattern catalogue in ``data`` that takes seconds:
+    hashed text features, a 32-wide tiny backbone, 6 SFT steps, 1 SASRec epoch."""
+    return ["--set", f"data.dataset={json.dumps(str(data))}", "--set", "data.max_history=6",
+            "--set", "grounding.encoder=\"hashed\"", "--set", "grounding.epochs=2",
+            "--set", "grounding.id_epochs=2", "--set", "tokenizer.codebook_size=6",
+            "--set", "tokenizer.num_levels=3", "--set", "tokenizer.iters=5",
+            "--set", "model.hidden_size=32", "--set", "model.hard_negatives=4",
+            "--set", "train.steps=6", "--set", "train.batch_size=8",
+            "--set", "train.eval_every=3", "--set", "train.eval_samples=10",
+            "--set", "eval.bootstrap=20", "--set", "eval.sasrec_epochs=1",
+            "--set", "eval.num_beams=3", "--set", "eval.top_m=8", "--set", "eval.top_n=20",
+            "--quiet"]
 
 
 def pattern_setup(tmp_path, *, prefix_len=1, seed=0):

@@ -5,22 +5,9 @@ import json
 
 import pytest
 
-from sigma_fixtures import needs_minilm, write_pattern_dataset
+from sigma_fixtures import needs_minilm, small_run_settings, write_pattern_dataset
 
 from sigma_fast.apps.cli import main
-
-
-def _sets(data):
-    return ["--set", f"data.dataset={json.dumps(str(data))}", "--set", "data.max_history=6",
-            "--set", "grounding.encoder=\"hashed\"", "--set", "grounding.epochs=2",
-            "--set", "grounding.id_epochs=2", "--set", "tokenizer.codebook_size=6",
-            "--set", "tokenizer.num_levels=3", "--set", "tokenizer.iters=5",
-            "--set", "model.hidden_size=32", "--set", "model.hard_negatives=4",
-            "--set", "train.steps=6", "--set", "train.batch_size=8",
-            "--set", "train.eval_every=3", "--set", "train.eval_samples=10",
-            "--set", "eval.bootstrap=20", "--set", "eval.sasrec_epochs=1",
-            "--set", "eval.num_beams=3", "--set", "eval.top_m=8", "--set", "eval.top_n=20",
-            "--quiet"]
 
 
 @needs_minilm
@@ -28,7 +15,7 @@ def _sets(data):
 def test_demo_then_each_command(tmp_path, capsys):
     data = write_pattern_dataset(tmp_path / "pat")
     run = tmp_path / "run"
-    assert main(["demo", "--run", str(run), *_sets(data)]) == 0
+    assert main(["demo", "--run", str(run), *small_run_settings(data)]) == 0
     out = capsys.readouterr().out
     for stage in ("[prepare]", "[ground]", "[tokenize]", "[train]", "[evaluate]",
                   "[recommend]", "[demo] finished"):
