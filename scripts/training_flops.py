@@ -14,8 +14,10 @@ weights):
 
 It also measures this machine's float32 matrix-product rate (2048 × 2048 products on torch's
 current threads) and divides: the least time each training could take here if every FLOP ran
-at that rate. Needs the run's tokenizer (``sigma-fast tokenize``). Writes
-RUN_DIR/eval/training_flops.json.
+at that rate. With ``--time-steps N`` it also times N SFT steps (after 5 warm-up steps) phase
+by phase — encoding, collation, forward, backward, clipping, optimizer — and reports the rate
+the steps attain. Run it alone on the machine. Needs the run's tokenizer (``sigma-fast
+tokenize``). Writes RUN_DIR/eval/training_flops.json.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def sigma_step_flops(cfg: dict, run: Path, batches: int) -> tuple[float, int]:
-    """(mean FLOPs of one SFT step, number of training samples)."""
+PHASES = ("encode", "collate", "forward", "backward", "clip", "optimizer")
+
+
+def _sigma_setup(cfg: dict, run: Path):
     from sigma_fast.rec import pipeline
     from sigma_fast.rec.data import build_task_samples
     from sigma_fast.rec.tokenization import HybridItemTokenizer
@@ -59,19 +63,58 @@ def sigma_step_flops(cfg: dict, run: Path, batches: int) -> tuple[float, int]:
         run / "tokenizer" / pipeline._tokenizer_name("sigma"), "tokenize"))
     model = pipeline.sigma_model(cfg, items, "sigma").train()
     samples = build_task_samples(pipeline._dataset(cfg), "train", seed=cfg["data"]["seed"])
-    tr = cfg["train"]
+    return model, samples
+
+
+def _draw(model, samples, tr: dict, step: int):
+    g = torch.Generator().manual_seed(tr["seed"] * 1_000_003 + step)
+    picks = torch.randint(len(samples), (tr["batch_size"],), generator=g).tolist()
+    return g, [samples[i] for i in picks]
+
+
+def sigma_step_flops(model, samples, tr: dict, batches: int) -> float:
+    """Mean FLOPs of one SFT step (forward and backward) over ``batches`` drawn batches."""
     total = 0
     for step in range(batches):
-        g = torch.Generator().manual_seed(tr["seed"] * 1_000_003 + step)
-        picks = torch.randint(len(samples), (tr["batch_size"],), generator=g).tolist()
-        batch = model.collate([model.encode(samples[i]) for i in picks])
+        g, drawn = _draw(model, samples, tr, step)
+        batch = model.collate([model.encode(s) for s in drawn])
 
         def step_fn():
             model(batch, generator=g)["loss"].backward()
 
         total += _flops(step_fn)
         model.zero_grad(set_to_none=True)
-    return total / batches, len(samples)
+    return total / batches
+
+
+def time_sigma_steps(model, samples, tr: dict, steps: int, warmup: int = 5) -> dict:
+    """Milliseconds per SFT step in each phase, mean over ``steps`` steps after ``warmup``."""
+    from sigma_fast.rec.train import TrainConfig, _adamw
+
+    config = TrainConfig(**{k: v for k, v in tr.items() if k != "variants"})
+    optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
+    spent = dict.fromkeys(PHASES, 0.0)
+    for step in range(warmup + steps):
+        g, drawn = _draw(model, samples, tr, 10_000 + step)
+        marks = [time.perf_counter()]
+        encoded = [model.encode(s) for s in drawn]
+        marks.append(time.perf_counter())
+        batch = model.collate(encoded)
+        marks.append(time.perf_counter())
+        loss = model(batch, generator=g)["loss"]
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        marks.append(time.perf_counter())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if step >= warmup:
+            for name, a, b in zip(PHASES, marks, marks[1:]):
+                spent[name] += b - a
+    return {name: 1e3 * t / steps for name, t in spent.items()}
 
 
 def sasrec_training_flops(cfg: dict) -> dict:
@@ -115,25 +158,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--batches", type=int, default=8, help="SFT batches to average over")
+    ap.add_argument("--time-steps", type=int, default=0, metavar="N",
+                    help="also time N SFT steps phase by phase (0 = no timing)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
     if args.batches < 1:
         raise SystemExit(f"--batches must be at least 1; got {args.batches}")
+    if args.time_steps < 0:
+        raise SystemExit(f"--time-steps must be 0 or more; got {args.time_steps}")
     cfg = pipeline.run_config(args.run, overrides=_overrides(args.set))
-    steps = cfg["train"]["steps"]
-    per_step, n_samples = sigma_step_flops(cfg, args.run, args.batches)
+    tr = cfg["train"]
+    steps = tr["steps"]
+    model, samples = _sigma_setup(cfg, args.run)
+    per_step = sigma_step_flops(model, samples, tr, args.batches)
     sasrec = sasrec_training_flops(cfg)
     rate = matmul_rate()
     sigma = per_step * steps
     report = {
         "dataset": cfg["data"]["dataset"], "threads": torch.get_num_threads(),
         "matmul_flops_per_s": rate,
-        "sigma": {"steps": steps, "batch_size": cfg["train"]["batch_size"],
-                  "training_samples": n_samples, "flops_per_step": per_step, "flops": sigma,
+        "sigma": {"steps": steps, "batch_size": tr["batch_size"],
+                  "training_samples": len(samples), "flops_per_step": per_step, "flops": sigma,
                   "seconds_at_matmul_rate": sigma / rate},
         "sasrec": {**sasrec, "seconds_at_matmul_rate": sasrec["flops"] / rate},
         "ratio": sigma / sasrec["flops"],
     }
+    if args.time_steps:
+        ms = time_sigma_steps(model, samples, tr, args.time_steps)
+        report["sigma"]["step_ms"] = ms
+        report["sigma"]["attained_flops_per_s"] = per_step / (sum(ms.values()) / 1e3)
     print(f"{args.run} ({report['dataset']}); float32 matrix products here: {rate / 1e9:.0f} "
           f"GFLOP/s on {report['threads']} threads")
     print(f"  SIGMA : {per_step / 1e9:.2f} GFLOP per step x {steps} steps = "
@@ -143,6 +196,11 @@ def main(argv=None) -> int:
           f"{sasrec['flops'] / 1e12:.2f} TFLOP; at that rate >= "
           f"{sasrec['flops'] / rate:.0f} s")
     print(f"  SIGMA / SASRec: {report['ratio']:.1f}x the FLOPs")
+    if args.time_steps:
+        ms = report["sigma"]["step_ms"]
+        print(f"  SIGMA step: {sum(ms.values()):.1f} ms (" + ", ".join(
+            f"{k} {v:.1f}" for k, v in ms.items()) + f"); attains "
+            f"{report['sigma']['attained_flops_per_s'] / 1e9:.0f} GFLOP/s")
     path = args.run / "eval" / "training_flops.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, report)

@@ -74,5 +74,14 @@ def test_training_flops_counts_both_trainings(grounded_run):
     assert script.main([str(run), "--batches", "2", "--set", "train.batch_size=16"]) == 0
     double = json.loads((run / "eval" / "training_flops.json").read_text())["sigma"]
     assert 1.5 < double["flops_per_step"] / sigma["flops_per_step"] < 2.7
+    assert "step_ms" not in sigma
+    assert script.main([str(run), "--batches", "1", "--time-steps", "2"]) == 0
+    timed = json.loads((run / "eval" / "training_flops.json").read_text())["sigma"]
+    assert set(timed["step_ms"]) == set(script.PHASES)
+    assert all(v > 0 for v in timed["step_ms"].values())
+    assert timed["attained_flops_per_s"] == pytest.approx(
+        timed["flops_per_step"] / (sum(timed["step_ms"].values()) / 1e3))
     with pytest.raises(SystemExit, match="--batches must be at least 1"):
         script.main([str(run), "--batches", "0"])
+    with pytest.raises(SystemExit, match="--time-steps must be 0 or more"):
+        script.main([str(run), "--time-steps", "-1"])
