@@ -70,7 +70,7 @@ DEFAULTS: dict[str, dict] = {
     "model": {
         "backbone": "tiny",         # tiny, smollm2-135m, or a HF causal-LM folder
         "num_layers": 0,            # keep the first n layers of a pretrained backbone (0 = all)
-        "hidden_size": 128,         # tiny only
+        "hidden_size": 64,          # tiny only (64 and 5,000 steps: see docs/results.md)
         "tau": 0.07,                # <q> / item InfoNCE temperature (and APF's tau)
         "nce_weight": 1.0,
         "hard_negatives": 16,       # same-prefix negatives per sample (negatives = "prefix")
@@ -83,7 +83,7 @@ DEFAULTS: dict[str, dict] = {
         "lora_layers": 0,           # LoRA on the first n layers (0 = all)
     },
     "train": {
-        "steps": 2500,
+        "steps": 5000,
         "batch_size": 32,
         "grad_accum": 1,
         "lr": 2e-3,
