@@ -14,9 +14,11 @@ weights):
 
 It also measures this machine's float32 matrix-product rate (2048 × 2048 products on torch's
 current threads) and divides: the least time each training could take here if every FLOP ran
-at that rate. With ``--time-steps N`` it also times N SFT steps (after 5 warm-up steps) phase
+at that rate. ``--set`` changes settings for this count only (the run's config.toml is left as
+it is). With ``--time-steps N`` it also times N SFT steps (after 5 warm-up steps) phase
 by phase — encoding, collation, forward, backward, clipping, optimizer — and reports the rate
-the steps attain. Run it alone on the machine. Needs the run's tokenizer (``sigma-fast
+the steps attain; ``--profile`` prints torch.profiler's top operators over 5 more steps. Run it
+alone on the machine. Needs the run's tokenizer (``sigma-fast
 tokenize``). Writes RUN_DIR/eval/training_flops.json.
 """
 
@@ -160,13 +162,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=8, help="SFT batches to average over")
     ap.add_argument("--time-steps", type=int, default=0, metavar="N",
                     help="also time N SFT steps phase by phase (0 = no timing)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top operators over 5 SFT steps")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
     if args.batches < 1:
         raise SystemExit(f"--batches must be at least 1; got {args.batches}")
     if args.time_steps < 0:
         raise SystemExit(f"--time-steps must be 0 or more; got {args.time_steps}")
-    cfg = pipeline.run_config(args.run, overrides=_overrides(args.set))
+    cfg = pipeline.run_config(args.run, overrides=_overrides(args.set), write=False)
     tr = cfg["train"]
     steps = tr["steps"]
     model, samples = _sigma_setup(cfg, args.run)
@@ -201,6 +205,12 @@ def main(argv=None) -> int:
         print(f"  SIGMA step: {sum(ms.values()):.1f} ms (" + ", ".join(
             f"{k} {v:.1f}" for k, v in ms.items()) + f"); attains "
             f"{report['sigma']['attained_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            time_sigma_steps(model, samples, tr, 5, warmup=0)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     path = args.run / "eval" / "training_flops.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, report)

@@ -59,7 +59,7 @@ def test_sasrec_teacher_replaces_the_id_table_and_regrounds(grounded_run, capsys
 
 
 @needs_minilm
-def test_training_flops_counts_both_trainings(grounded_run):
+def test_training_flops_counts_both_trainings(grounded_run, capsys):
     run, script = grounded_run, _script("training_flops")
     assert script.main([str(run), "--batches", "2"]) == 0
     report = json.loads((run / "eval" / "training_flops.json").read_text())
@@ -70,12 +70,16 @@ def test_training_flops_counts_both_trainings(grounded_run):
                                                   + sasrec["flops_per_validation"])
     assert report["ratio"] == pytest.approx(sigma["flops"] / sasrec["flops"])
     assert report["matmul_flops_per_s"] > 0
-    # twice the samples per step: about twice the FLOPs (padded lengths differ between draws)
+    # twice the samples per step: about twice the FLOPs (padded lengths differ between draws);
+    # the what-if leaves the run's own settings alone
+    config = (run / "config.toml").read_text()
     assert script.main([str(run), "--batches", "2", "--set", "train.batch_size=16"]) == 0
     double = json.loads((run / "eval" / "training_flops.json").read_text())["sigma"]
     assert 1.5 < double["flops_per_step"] / sigma["flops_per_step"] < 2.7
+    assert (run / "config.toml").read_text() == config
     assert "step_ms" not in sigma
-    assert script.main([str(run), "--batches", "1", "--time-steps", "2"]) == 0
+    assert script.main([str(run), "--batches", "1", "--time-steps", "2", "--profile"]) == 0
+    assert "aten::mm" in capsys.readouterr().out
     timed = json.loads((run / "eval" / "training_flops.json").read_text())["sigma"]
     assert set(timed["step_ms"]) == set(script.PHASES)
     assert all(v > 0 for v in timed["step_ms"].values())

@@ -207,14 +207,16 @@ def write_config(run_dir, cfg: dict) -> Path:
     return path
 
 
-def run_config(run_dir, config=None, overrides=None) -> dict:
+def run_config(run_dir, config=None, overrides=None, *, write: bool = True) -> dict:
     """The run's configuration: an explicit ``config`` file wins, else the run's own
-    ``config.toml``, else the defaults; ``overrides`` on top. Written back to the run."""
+    ``config.toml``, else the defaults; ``overrides`` on top. Written back to the run unless
+    ``write`` is false (a what-if that must leave the run as it is)."""
     run_dir = Path(run_dir)
     own = run_dir / "config.toml"
     cfg = load_config(config if config is not None else (own if own.is_file() else None),
                       overrides)
-    write_config(run_dir, cfg)
+    if write:
+        write_config(run_dir, cfg)
     return cfg
 
 
