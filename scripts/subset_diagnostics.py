@@ -108,8 +108,7 @@ def main(argv=None) -> int:
                   f"{100 * r['prefix_recall']:14.2f} {100 * r['hr@10_given_prefix']:15.2f} "
                   f"{100 * r['flat_hr@10']:11.2f}")
     path = args.run / "eval" / "subset_diagnostics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, report)
+    atomic_write_json(path, report)  # creates eval/ when missing
     print(f"written: {path}")
     return 0
 

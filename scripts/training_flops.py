@@ -205,16 +205,15 @@ def main(argv=None) -> int:
         print(f"  SIGMA step: {sum(ms.values()):.1f} ms (" + ", ".join(
             f"{k} {v:.1f}" for k, v in ms.items()) + f"); attains "
             f"{report['sigma']['attained_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    path = args.run / "eval" / "training_flops.json"
+    atomic_write_json(path, report)  # creates eval/ when missing; before the optional profile
+    print(f"written: {path}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             time_sigma_steps(model, samples, tr, 5, warmup=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    path = args.run / "eval" / "training_flops.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, report)
-    print(f"written: {path}")
     return 0
 
 
