@@ -7,7 +7,7 @@ Run directory layout::
     run/config.toml                 the full configuration (every default written out)
     run/data/                       dataset summary, task statistics
     run/grounding/                  text features, ID (BPR) embeddings, grounded embeddings,
-                                   agreement report
+                                    agreement report
     run/tokenizer/<name>/           hybrid item tokenizers (RQ + item tables) per variant input
     run/train/<variant>/            SFT checkpoints and history
     run/models/<variant>/           trained SIGMA models (save_pretrained)
@@ -112,7 +112,7 @@ DEFAULTS: dict[str, dict] = {
         "sasrec_dim": 64,
         "sasrec_heads": 2,
         "sasrec_loss": "sampled",   # sampled (softmax over the target and uniform negatives)
-                                   # or softmax (whole catalogue)
+                                    # or softmax (whole catalogue)
         "sasrec_negatives": 128,    # uniform negatives per sequence (sampled softmax)
         "sasrec_normalize": True,   # cosine of L2-normalised embeddings
         "sasrec_temperature": 0.05, # logits / temperature
@@ -149,7 +149,7 @@ def load_config(path=None, overrides: dict | None = None) -> dict:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist"
-                                   + (" (it is a directory)" if path.is_dir() else ""))
+                                    + (" (it is a directory)" if path.is_dir() else ""))
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -425,7 +425,7 @@ def load_variant(run_dir, variant: str, device=None):
         raise ValueError(f"unknown variant {variant!r}; expected names from {VARIANTS}")
     name = "sigma" if variant == "no_apf" else variant
     return SigmaModel.from_pretrained(_require(Path(run_dir) / "models" / name, "train"),
-                                     device=device)
+                                      device=device)
 
 
 def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None) -> dict:
@@ -456,7 +456,7 @@ def evaluate(run_dir, cfg: dict, variants=None, baselines=None, *, progress=None
         out = rec(samples, top_n=e["top_n"], progress=progress)
         timing[variant] = time.perf_counter() - t
         results[variant] = evaluate_rankings(samples, out.item_ids.numpy(),
-                                            bootstrap=e["bootstrap"])
+                                             bootstrap=e["bootstrap"])
         _say(_summary(variant, results[variant], timing[variant], len(samples)))
     out_dir = run_dir / "eval"
     write_results(results, out_dir, title=f"{ds.name}, {e['split']} split")
@@ -496,7 +496,7 @@ def _baseline_rankings(run_dir, cfg, ds, name, samples, progress):
         # the initialisation is a setting too: a model saved before it was recorded retrains
         expected = fit | {"item_init_std": model.item_init_std}
         if model.config() != shape or any(model.train_settings.get(k) != v
-                                         for k, v in expected.items()):
+                                          for k, v in expected.items()):
             _say("[evaluate] retraining SASRec: the saved one was trained with other settings")
             model = None
     if model is None:
