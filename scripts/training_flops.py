@@ -56,7 +56,7 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
 PHASES = ("encode", "collate", "forward", "backward", "clip", "optimizer")
 
 
-def _sigma_setup(cfg: dict, run: Path):
+def _sigma_setup(cfg: dict, run: Path, ds):
     from sigma_fast.rec import pipeline
     from sigma_fast.rec.data import build_task_samples
     from sigma_fast.rec.tokenization import HybridItemTokenizer
@@ -64,21 +64,25 @@ def _sigma_setup(cfg: dict, run: Path):
     items = HybridItemTokenizer.load(pipeline._require(
         run / "tokenizer" / pipeline._tokenizer_name("sigma"), "tokenize"))
     model = pipeline.sigma_model(cfg, items, "sigma").train()
-    samples = build_task_samples(pipeline._dataset(cfg), "train", seed=cfg["data"]["seed"])
+    samples = build_task_samples(ds, "train", seed=cfg["data"]["seed"])
     return model, samples
 
 
-def _draw(model, samples, tr: dict, step: int):
-    g = torch.Generator().manual_seed(tr["seed"] * 1_000_003 + step)
-    picks = torch.randint(len(samples), (tr["batch_size"],), generator=g).tolist()
+def _draw(samples, config, step: int):
+    """(generator, samples) of SFT step ``step``, drawn uniformly as SFT draws them by default
+    (task weights only change which samples, not the shape of a step)."""
+    from sigma_fast.rec.train import step_generator
+
+    g = step_generator(config.seed, step)
+    picks = torch.randint(len(samples), (config.batch_size,), generator=g).tolist()
     return g, [samples[i] for i in picks]
 
 
-def sigma_step_flops(model, samples, tr: dict, batches: int) -> float:
+def sigma_step_flops(model, samples, config, batches: int) -> float:
     """Mean FLOPs of one SFT step (forward and backward) over ``batches`` drawn batches."""
     total = 0
     for step in range(batches):
-        g, drawn = _draw(model, samples, tr, step)
+        g, drawn = _draw(samples, config, step)
         batch = model.collate([model.encode(s) for s in drawn])
 
         def step_fn():
@@ -89,15 +93,14 @@ def sigma_step_flops(model, samples, tr: dict, batches: int) -> float:
     return total / batches
 
 
-def time_sigma_steps(model, samples, tr: dict, steps: int, warmup: int = 5) -> dict:
+def time_sigma_steps(model, samples, config, steps: int, warmup: int = 5) -> dict:
     """Milliseconds per SFT step in each phase, mean over ``steps`` steps after ``warmup``."""
-    from sigma_fast.rec.train import TrainConfig, _adamw
+    from sigma_fast.rec.train import _adamw
 
-    config = TrainConfig(**{k: v for k, v in tr.items() if k != "variants"})
     optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
     spent = dict.fromkeys(PHASES, 0.0)
     for step in range(warmup + steps):
-        g, drawn = _draw(model, samples, tr, 10_000 + step)
+        g, drawn = _draw(samples, config, 10_000 + step)
         marks = [time.perf_counter()]
         encoded = [model.encode(s) for s in drawn]
         marks.append(time.perf_counter())
@@ -119,11 +122,10 @@ def time_sigma_steps(model, samples, tr: dict, steps: int, warmup: int = 5) -> d
     return {name: 1e3 * t / steps for name, t in spent.items()}
 
 
-def sasrec_training_flops(cfg: dict) -> dict:
+def sasrec_training_flops(cfg: dict, ds) -> dict:
     from sigma_fast.rec import pipeline
     from sigma_fast.rec.baselines import SASRec
 
-    ds = pipeline._dataset(cfg)
     shape, fit = pipeline.sasrec_settings(cfg, ds.num_items)
     model = SASRec(**shape).train()
     x_all, y_all = model._windows(ds)
@@ -171,24 +173,25 @@ def main(argv=None) -> int:
     if args.time_steps < 0:
         raise SystemExit(f"--time-steps must be 0 or more; got {args.time_steps}")
     cfg = pipeline.run_config(args.run, overrides=_overrides(args.set), write=False)
-    tr = cfg["train"]
-    steps = tr["steps"]
-    model, samples = _sigma_setup(cfg, args.run)
-    per_step = sigma_step_flops(model, samples, tr, args.batches)
-    sasrec = sasrec_training_flops(cfg)
+    config = pipeline.train_config(cfg)
+    steps = config.steps
+    ds = pipeline._dataset(cfg)  # loaded once for both models
+    model, samples = _sigma_setup(cfg, args.run, ds)
+    per_step = sigma_step_flops(model, samples, config, args.batches)
+    sasrec = sasrec_training_flops(cfg, ds)
     rate = matmul_rate()
     sigma = per_step * steps
     report = {
         "dataset": cfg["data"]["dataset"], "threads": torch.get_num_threads(),
         "matmul_flops_per_s": rate,
-        "sigma": {"steps": steps, "batch_size": tr["batch_size"],
+        "sigma": {"steps": steps, "batch_size": config.batch_size,
                   "training_samples": len(samples), "flops_per_step": per_step, "flops": sigma,
                   "seconds_at_matmul_rate": sigma / rate},
         "sasrec": {**sasrec, "seconds_at_matmul_rate": sasrec["flops"] / rate},
         "ratio": sigma / sasrec["flops"],
     }
     if args.time_steps:
-        ms = time_sigma_steps(model, samples, tr, args.time_steps)
+        ms = time_sigma_steps(model, samples, config, args.time_steps)
         report["sigma"]["step_ms"] = ms
         report["sigma"]["attained_flops_per_s"] = per_step / (sum(ms.values()) / 1e3)
     print(f"{args.run} ({report['dataset']}); float32 matrix products here: {rate / 1e9:.0f} "
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            time_sigma_steps(model, samples, tr, 5, warmup=0)
+            time_sigma_steps(model, samples, config, 5, warmup=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
 

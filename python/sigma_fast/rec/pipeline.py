@@ -360,11 +360,18 @@ def sigma_model(cfg: dict, items, variant: str = "sigma"):
                                   max_history=cfg["data"]["max_history"])
 
 
+def train_config(cfg: dict):
+    """The config's ``train`` section as a :class:`~sigma_fast.rec.train.TrainConfig`."""
+    from .train import TrainConfig
+
+    return TrainConfig(**{k: v for k, v in cfg["train"].items() if k != "variants"})
+
+
 def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
     """SFT of each variant's model on every task's training samples."""
     from .data import build_task_samples
     from .tokenization import HybridItemTokenizer
-    from .train import TrainConfig, train_sigma
+    from .train import train_sigma
 
     run_dir = Path(run_dir)
     m, tr = cfg["model"], cfg["train"]
@@ -387,7 +394,7 @@ def train(run_dir, cfg: dict, variants=None, *, progress=None) -> dict:
              f"({n_train / 1e6:.1f} M trained{', LoRA' if m['lora_rank'] else ''}), "
              f"{len(train_samples)} training samples over 7 tasks, {tr['steps']} steps of "
              f"{tr['batch_size']}")
-        config = TrainConfig(**{k: v for k, v in tr.items() if k != "variants"})
+        config = train_config(cfg)
         t = time.perf_counter()
         hist = train_sigma(model, train_samples, out_dir=run_dir / "train" / variant,
                            config=config, valid_samples=valid, progress=progress)

@@ -301,6 +301,12 @@ def _restore_rng(tensors: dict, tensor_path: Path) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of SFT step ``step``: it draws the step's batch and its negatives, so a
+    resumed run repeats the uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = None,
                 valid_samples=None, resume: bool = True, progress: bool | None = None,
                 eval_options: dict | None = None) -> list[dict]:
@@ -347,7 +353,7 @@ def train_sigma(model, train_samples, *, out_dir, config: TrainConfig | None = N
     try:
         while step < config.steps:
             _threads.adapt()  # thread counts follow the free CPUs (shared cores)
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            g = step_generator(config.seed, step)
             if weights is None:
                 picks = torch.randint(n, (config.batch_size * world,), generator=g)
             else:
